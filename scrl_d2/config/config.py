@@ -1,0 +1,161 @@
+"""Config object, ``get_cfg`` and the ``@configurable`` pattern of Detectron2."""
+import functools
+import inspect
+from typing import Any, Callable, Dict, Optional
+
+import yaml
+from fvcore.common.config import CfgNode as _FvCfgNode
+
+__all__ = ["CfgNode", "ConfigError", "get_cfg", "add_scrl_config", "configurable"]
+
+
+class ConfigError(ValueError):
+    """A configuration file, key or value that cannot be used; the message names it."""
+
+
+class CfgNode(_FvCfgNode):
+    """fvcore's CfgNode (``_BASE_`` inheritance, strict keys) with two additions:
+
+    * an int given where the default is a float is accepted (``SOLVER.BASE_LR 1``);
+    * every unknown key or wrongly typed value raises :class:`ConfigError` naming the
+      key and the file it came from, instead of yacs' bare ``KeyError``.
+    """
+
+    def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
+        try:
+            loaded = self.load_yaml_with_base(cfg_filename, allow_unsafe=allow_unsafe)
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {cfg_filename}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {cfg_filename} is not valid YAML: {e}") from e
+        loaded = type(self)(loaded)
+        _coerce_ints(self, loaded, prefix="")
+        try:
+            self.merge_from_other_cfg(loaded)
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"{_msg(e)} (in {cfg_filename})") from e
+
+    def merge_from_list(self, cfg_list: list) -> None:
+        if len(cfg_list) % 2 != 0:
+            raise ConfigError(
+                f"command-line overrides must be KEY VALUE pairs, got an odd list: {cfg_list}"
+            )
+        fixed = []
+        for key, value in zip(cfg_list[0::2], cfg_list[1::2]):
+            default = self._get_or_none(key)
+            if isinstance(default, float) and isinstance(value, str):
+                try:
+                    value = repr(float(value))
+                except ValueError:
+                    pass
+            fixed += [key, value]
+        try:
+            super().merge_from_list(fixed)
+        except (KeyError, ValueError, AssertionError) as e:
+            raise ConfigError(f"{_msg(e)} (on the command line)") from e
+
+    def _get_or_none(self, dotted: str) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            if not isinstance(node, _FvCfgNode) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+
+def _msg(e: BaseException) -> str:
+    return str(e.args[0]) if e.args else str(e)
+
+
+def _coerce_ints(default: _FvCfgNode, loaded: _FvCfgNode, prefix: str) -> None:
+    for k, v in loaded.items():
+        if k not in default:
+            continue  # reported by name during the merge
+        d = default[k]
+        if isinstance(v, _FvCfgNode) and isinstance(d, _FvCfgNode):
+            _coerce_ints(d, v, prefix + k + ".")
+        elif isinstance(d, float) and isinstance(v, int) and not isinstance(v, bool):
+            loaded[k] = float(v)
+        elif isinstance(d, (tuple, list)) and isinstance(v, (tuple, list)):
+            if d and all(isinstance(x, float) for x in d):
+                loaded[k] = type(v)(float(x) if isinstance(x, int) else x for x in v)
+
+
+def get_cfg() -> CfgNode:
+    """A fresh copy of the defaults of ``scrl_d2/config/defaults.py``."""
+    from .defaults import _C
+
+    return CfgNode(_C.clone())
+
+
+def add_scrl_config(cfg: _FvCfgNode) -> None:
+    """Add every scrl_d2 key that ``cfg`` lacks (e.g. Detectron2's own ``get_cfg()``).
+
+    Keys ``cfg`` already has keep their values, so Detectron2's defaults for shared keys
+    (``MODEL.RESNETS.*``) stay Detectron2's; our YAML files then set them explicitly.
+    """
+    _add_missing(cfg, get_cfg())
+
+
+def _add_missing(dst: _FvCfgNode, src: _FvCfgNode) -> None:
+    was_frozen = dst.is_frozen()
+    dst.defrost()
+    for k, v in src.items():
+        if k not in dst:
+            dst[k] = v.clone() if isinstance(v, _FvCfgNode) else v
+        elif isinstance(v, _FvCfgNode) and isinstance(dst[k], _FvCfgNode):
+            _add_missing(dst[k], v)
+    if was_frozen:
+        dst.freeze()
+
+
+def configurable(init_func: Optional[Callable] = None, *, from_config: Optional[Callable] = None):
+    """Let a class or function be built either from a config or from explicit arguments.
+
+    Same contract as Detectron2's ``@configurable``: ``Cls(cfg, **overrides)`` calls
+    ``Cls.from_config(cfg, ...)`` and passes its dict to ``__init__``; ``Cls(a=..)``
+    calls ``__init__`` directly.
+    """
+    if init_func is not None and inspect.isfunction(init_func) and init_func.__name__ == "__init__":
+
+        @functools.wraps(init_func)
+        def wrapped(self, *args, **kwargs):
+            if _called_with_cfg(*args, **kwargs):
+                explicit = _get_args_from_config(type(self).from_config, *args, **kwargs)
+                init_func(self, **explicit)
+            else:
+                init_func(self, *args, **kwargs)
+
+        return wrapped
+
+    assert from_config is not None, "@configurable on a function needs from_config="
+
+    def decorator(func):
+        @functools.wraps(func)
+        def wrapped(*args, **kwargs):
+            if _called_with_cfg(*args, **kwargs):
+                return func(**_get_args_from_config(from_config, *args, **kwargs))
+            return func(*args, **kwargs)
+
+        wrapped.from_config = from_config
+        return wrapped
+
+    return decorator
+
+
+def _called_with_cfg(*args, **kwargs) -> bool:
+    if args and isinstance(args[0], _FvCfgNode):
+        return True
+    return isinstance(kwargs.get("cfg"), _FvCfgNode)
+
+
+def _get_args_from_config(from_config: Callable, *args, **kwargs) -> Dict[str, Any]:
+    params = inspect.signature(from_config).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        ret = from_config(*args, **kwargs)
+    else:
+        accepted = set(params)
+        extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in accepted}
+        ret = from_config(*args, **kwargs)
+        ret.update(extra)
+    return ret

@@ -1,0 +1,171 @@
+"""Every configuration key of scrl_d2 and its default, in one place.
+
+Keys follow Detectron2's names where Detectron2 has one (``MODEL.RESNETS.*``,
+``SOLVER.BASE_LR``, ``DATALOADER.NUM_WORKERS``, ``OUTPUT_DIR`` ...), so the same YAML
+files also merge into Detectron2's own config (see ``add_scrl_config``). Method keys
+live under ``MODEL.BYOL`` (shared by both methods) and ``MODEL.SCRL`` (box pairs).
+Defaults are the official SCRL 200-epoch release on ResNet-50.
+"""
+from fvcore.common.config import CfgNode as CN
+
+_C = CN()
+_C.VERSION = 2
+
+# ---------------------------------------------------------------------------- #
+# Model
+# ---------------------------------------------------------------------------- #
+_C.MODEL = CN()
+# "SCRL" or "BYOL" (any name registered in META_ARCH_REGISTRY).
+_C.MODEL.META_ARCHITECTURE = "SCRL"
+# "cuda" falls back to "cpu" with a warning when no GPU is visible.
+_C.MODEL.DEVICE = "cuda"
+# Optional initial weights for the online encoder (our checkpoint or a torchvision
+# ResNet state dict). Empty: random initialisation.
+_C.MODEL.WEIGHTS = ""
+# Input normalisation, RGB, 0-255 scale (= ImageNet mean/std of torchvision).
+# The data pipeline yields uint8 views; the model normalises on the device.
+_C.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
+_C.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
+_C.MODEL.CHANNELS_LAST = True
+
+_C.MODEL.BACKBONE = CN()
+_C.MODEL.BACKBONE.NAME = "build_resnet_backbone"
+_C.MODEL.BACKBONE.FREEZE_AT = 0
+
+_C.MODEL.RESNETS = CN()
+_C.MODEL.RESNETS.DEPTH = 50  # 18, 34, 50, 101, 152
+_C.MODEL.RESNETS.OUT_FEATURES = ["res5"]
+_C.MODEL.RESNETS.NUM_GROUPS = 1
+_C.MODEL.RESNETS.WIDTH_PER_GROUP = 64
+# "BN", "SyncBN", "FrozenBN", "GN" or "" (none); Detectron2's names.
+_C.MODEL.RESNETS.NORM = "BN"
+# False = stride in the 3x3 conv (torchvision's ResNet v1.5, what SCRL pretrains).
+_C.MODEL.RESNETS.STRIDE_IN_1X1 = False
+_C.MODEL.RESNETS.RES5_DILATION = 1
+_C.MODEL.RESNETS.RES2_OUT_CHANNELS = 256  # must be 64 for depth 18/34
+_C.MODEL.RESNETS.STEM_OUT_CHANNELS = 64
+
+# Heads and EMA, shared by BYOL and SCRL.
+_C.MODEL.BYOL = CN()
+_C.MODEL.BYOL.PROJECTOR_HIDDEN_DIM = 4096
+_C.MODEL.BYOL.PROJECTION_DIM = 256
+_C.MODEL.BYOL.PREDICTOR_HIDDEN_DIM = 4096
+# Normalisation in the projector / predictor MLPs: "BN" or "SyncBN".
+_C.MODEL.BYOL.HEAD_NORM = "BN"
+# EMA momentum of the target network, cosine-increased from this value to 1.
+_C.MODEL.BYOL.BASE_MOMENTUM = 0.97
+# The official release initialises the target independently ("random");
+# the BYOL paper copies the online weights ("online").
+_C.MODEL.BYOL.TARGET_INIT = "random"
+
+# Spatially consistent box pairs and RoI pooling (SCRL only).
+_C.MODEL.SCRL = CN()
+_C.MODEL.SCRL.NUM_BOXES = 10
+_C.MODEL.SCRL.MIN_SIZE = 32
+_C.MODEL.SCRL.IOU_THRESHOLD = 0.5
+_C.MODEL.SCRL.MAX_TRIES = 50
+_C.MODEL.SCRL.GRID_BASED = True
+_C.MODEL.SCRL.BOX_JITTER = False
+_C.MODEL.SCRL.BOX_JITTER_RATIO = 0.1
+_C.MODEL.SCRL.POOLER_RESOLUTION = 1
+# <= 0: adaptive, as in the release (torchvision -1, Detectron2 0).
+_C.MODEL.SCRL.POOLER_SAMPLING_RATIO = 0
+_C.MODEL.SCRL.POOLER_ALIGNED = False
+# Off for fidelity: the release drops non-overlapping images from the loss. On:
+# redraw the second view's crop (up to MAX_CROP_TRIES) until the views overlap.
+_C.MODEL.SCRL.REQUIRE_OVERLAP = False
+_C.MODEL.SCRL.MAX_CROP_TRIES = 10
+
+# Online linear probe on the detached pooled feature (labelled data only).
+_C.MODEL.PROBE = CN()
+_C.MODEL.PROBE.ENABLED = False
+# 0: taken from the training dataset's metadata.
+_C.MODEL.PROBE.NUM_CLASSES = 0
+
+# ---------------------------------------------------------------------------- #
+# Input / two-view augmentation (BYOL recipe; view 1, view 2 where two values)
+# ---------------------------------------------------------------------------- #
+_C.INPUT = CN()
+_C.INPUT.FORMAT = "RGB"
+_C.INPUT.CROP_SIZE = 224
+_C.INPUT.CROP_SCALE = (0.2, 1.0)
+_C.INPUT.CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+_C.INPUT.INTERPOLATION = "bicubic"
+_C.INPUT.FLIP_PROB = 0.5
+_C.INPUT.COLOR_JITTER = (0.4, 0.4, 0.2, 0.1)
+_C.INPUT.COLOR_JITTER_PROB = 0.8
+_C.INPUT.GRAYSCALE_PROB = 0.2
+# "resize" (the release's cheap down-and-up bicubic resize) or "gaussian".
+_C.INPUT.BLUR_TYPE = "resize"
+_C.INPUT.BLUR_PROB = (1.0, 0.1)
+_C.INPUT.RESIZE_BLUR_FACTORS = (1.1, 1.2, 1.5)
+# Gaussian blur: kernel = this fraction of the crop size, sigma uniform in range.
+_C.INPUT.GAUSSIAN_BLUR_KERNEL_FRACTION = 0.1
+_C.INPUT.GAUSSIAN_BLUR_SIGMA = (0.1, 2.0)
+_C.INPUT.SOLARIZE_PROB = (0.0, 0.2)
+_C.INPUT.SOLARIZE_THRESHOLD = 128
+
+# ---------------------------------------------------------------------------- #
+# Datasets: names registered in scrl_d2.data.DatasetCatalog, or "images:PATH"
+# (any folder of images, recursive, unlabelled) / "classes:PATH" (class sub-folders).
+# ---------------------------------------------------------------------------- #
+_C.DATASETS = CN()
+_C.DATASETS.TRAIN = ("imagenet_train",)
+_C.DATASETS.TEST = ()
+# Root of the standard layouts (imagenet/, coco/); empty: $SCRL_DATASETS, then
+# $DETECTRON2_DATASETS, then ./datasets.
+_C.DATASETS.ROOT = ""
+
+_C.DATALOADER = CN()
+_C.DATALOADER.NUM_WORKERS = 8
+_C.DATALOADER.PIN_MEMORY = True
+_C.DATALOADER.PERSISTENT_WORKERS = True
+_C.DATALOADER.PREFETCH_FACTOR = 2
+
+# ---------------------------------------------------------------------------- #
+# Solver
+# ---------------------------------------------------------------------------- #
+_C.SOLVER = CN()
+_C.SOLVER.OPTIMIZER = "LARS"  # "LARS" or "SGD"
+# Scaled by the global batch / 256 (IMS_PER_GPU x number of processes / 256).
+_C.SOLVER.BASE_LR = 0.45
+_C.SOLVER.MOMENTUM = 0.9
+_C.SOLVER.NESTEROV = False
+_C.SOLVER.WEIGHT_DECAY = 1e-6
+_C.SOLVER.LARS_TRUST_COEF = 0.001
+_C.SOLVER.LARS_EPS = 1e-8
+# Exclude normalisation parameters and biases from LARS adaptation and weight decay.
+_C.SOLVER.LARS_EXCLUDE_NORM_AND_BIAS = True
+# Images per process (the release's batch_size_train), not global.
+_C.SOLVER.IMS_PER_GPU = 256
+_C.SOLVER.EPOCHS = 200
+_C.SOLVER.WARMUP_EPOCHS = 10
+# > 0: stop after this many iterations (schedules still span SOLVER.EPOCHS).
+_C.SOLVER.MAX_ITER = 0
+# Write checkpoint_{epoch}.pth every this many epochs (and at the last epoch).
+_C.SOLVER.SNAPSHOT_INTERVAL = 20
+_C.SOLVER.AMP = CN()
+_C.SOLVER.AMP.ENABLED = True
+# "auto": bfloat16 where supported, else float16 with a gradient scaler.
+_C.SOLVER.AMP.DTYPE = "auto"
+
+# ---------------------------------------------------------------------------- #
+# Evaluation during pretraining
+# ---------------------------------------------------------------------------- #
+_C.TEST = CN()
+# Evaluate the online probe on DATASETS.TEST every this many epochs (0: never).
+_C.TEST.EVAL_PERIOD = 5
+_C.TEST.IMS_PER_GPU = 256
+
+# ---------------------------------------------------------------------------- #
+# Misc
+# ---------------------------------------------------------------------------- #
+# Empty: ./output/<config name>_<n>, numbered to the first unused n.
+_C.OUTPUT_DIR = ""
+# Resume from this directory's newest checkpoint instead of OUTPUT_DIR's.
+_C.LOAD_DIR = ""
+# < 0: a random seed is drawn (and logged) so runs can be reproduced.
+_C.SEED = -1
+# Log metrics every this many iterations.
+_C.LOG_PERIOD = 20
+_C.CUDNN_BENCHMARK = True

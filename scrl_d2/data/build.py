@@ -1,0 +1,79 @@
+"""Data loaders built from a config: the seam between datasets and the engine."""
+import logging
+from typing import List, Tuple
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..utils import comm
+from .augment import TwoViewAugmentation
+from .boxes import BoxPairGenerator
+from .catalog import DatasetCatalog, MetadataCatalog, set_datasets_root
+from .datasets import EvalDataset, PretrainDataset, SeededSampler
+
+__all__ = ["get_dataset_dicts", "build_pretrain_loader", "build_eval_loader", "uses_boxes"]
+
+logger = logging.getLogger("scrl_d2.data")
+
+
+def get_dataset_dicts(names) -> Tuple[List[dict], int]:
+    """The concatenated records of ``names`` and their number of classes (0: unlabelled)."""
+    if isinstance(names, str):
+        names = (names,)
+    if not names:
+        raise ValueError("no dataset given (DATASETS.TRAIN is empty)")
+    dicts, num_classes = [], 0
+    for name in names:
+        d = DatasetCatalog.get(name)
+        logger.info(f"dataset {name!r}: {len(d)} images")
+        dicts.extend(d)
+        num_classes = max(num_classes, getattr(MetadataCatalog.get(name), "num_classes", 0) or 0)
+    return dicts, num_classes
+
+
+def uses_boxes(cfg) -> bool:
+    return cfg.MODEL.META_ARCHITECTURE.upper() == "SCRL"
+
+
+def _worker_init(_: int) -> None:
+    # One intra-op thread per worker: parallelism comes from the workers themselves.
+    torch.set_num_threads(1)
+
+
+def _loader_kwargs(cfg) -> dict:
+    workers = cfg.DATALOADER.NUM_WORKERS
+    kw = dict(num_workers=workers, pin_memory=cfg.DATALOADER.PIN_MEMORY and torch.cuda.is_available(),
+              worker_init_fn=_worker_init)
+    if workers > 0:
+        kw.update(persistent_workers=cfg.DATALOADER.PERSISTENT_WORKERS,
+                  prefetch_factor=cfg.DATALOADER.PREFETCH_FACTOR)
+    return kw
+
+
+def build_pretrain_loader(cfg, seed: int) -> Tuple[DataLoader, SeededSampler, int]:
+    """The two-view loader of this process, its sampler (``set_epoch`` each epoch) and
+    the training set's number of classes."""
+    set_datasets_root(cfg.DATASETS.ROOT)
+    dicts, num_classes = get_dataset_dicts(cfg.DATASETS.TRAIN)
+    boxes = BoxPairGenerator.from_config(cfg) if uses_boxes(cfg) else None
+    dataset = PretrainDataset(
+        dicts, TwoViewAugmentation.from_config(cfg), boxes,
+        require_overlap=cfg.MODEL.SCRL.REQUIRE_OVERLAP, max_crop_tries=cfg.MODEL.SCRL.MAX_CROP_TRIES,
+    )
+    sampler = SeededSampler(len(dataset), cfg.SOLVER.IMS_PER_GPU, seed,
+                            rank=comm.get_rank(), world_size=comm.get_world_size())
+    loader = DataLoader(dataset, batch_size=cfg.SOLVER.IMS_PER_GPU, sampler=sampler, drop_last=True,
+                        **_loader_kwargs(cfg))
+    return loader, sampler, num_classes
+
+
+def build_eval_loader(cfg, name: str) -> DataLoader:
+    """Centre-crop loader over ``name``, sharded across processes (no padding)."""
+    set_datasets_root(cfg.DATASETS.ROOT)
+    dicts, _ = get_dataset_dicts((name,))
+    shard = dicts[comm.get_rank()::comm.get_world_size()]
+    size = cfg.INPUT.CROP_SIZE
+    dataset = EvalDataset(shard, size, int(round(size * 256 / 224)), cfg.INPUT.INTERPOLATION)
+    kw = _loader_kwargs(cfg)
+    kw["persistent_workers"] = False
+    return DataLoader(dataset, batch_size=cfg.TEST.IMS_PER_GPU, shuffle=False, **kw)

@@ -1,0 +1,145 @@
+"""Named datasets, as Detectron2's ``DatasetCatalog`` / ``MetadataCatalog``.
+
+A dataset is a function returning a list of ``{"file_name": str, "label": int}``
+(``label`` is -1 for unlabelled images). Besides registered names, two forms need no
+registration: ``"images:PATH"`` (every image below PATH, recursive, unlabelled; e.g.
+COCO ``train2017`` or ``unlabeled2017``) and ``"classes:PATH"`` (one sub-folder per
+class, as ImageNet's ``train/`` and ``val/``).
+"""
+import os
+from types import SimpleNamespace
+from typing import Callable, Dict, List, Optional
+
+__all__ = [
+    "DatasetCatalog", "MetadataCatalog", "IMAGE_EXTENSIONS", "get_datasets_root",
+    "set_datasets_root", "list_images", "class_folder_dicts", "image_folder_dicts",
+    "register_image_folder",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
+_ROOT: Optional[str] = None
+
+
+def set_datasets_root(root: str) -> None:
+    """Root of the standard layouts; empty restores the environment default."""
+    global _ROOT
+    _ROOT = root or None
+
+
+def get_datasets_root() -> str:
+    return _ROOT or os.environ.get("SCRL_DATASETS") or os.environ.get("DETECTRON2_DATASETS") or "datasets"
+
+
+class _DatasetCatalog:
+    def __init__(self) -> None:
+        self._funcs: Dict[str, Callable[[], List[dict]]] = {}
+
+    def register(self, name: str, func: Callable[[], List[dict]]) -> None:
+        if name in self._funcs:
+            raise ValueError(f"dataset {name!r} is already registered")
+        self._funcs[name] = func
+
+    def get(self, name: str) -> List[dict]:
+        if name.startswith("images:"):
+            return image_folder_dicts(name[len("images:"):], name)
+        if name.startswith("classes:"):
+            return class_folder_dicts(name[len("classes:"):], name)
+        if name not in self._funcs:
+            raise KeyError(
+                f"dataset {name!r} is not registered; registered: {sorted(self._funcs)} "
+                "(or use 'images:PATH' / 'classes:PATH')"
+            )
+        return self._funcs[name]()
+
+    def list(self) -> List[str]:
+        return sorted(self._funcs)
+
+    def remove(self, name: str) -> None:
+        self._funcs.pop(name, None)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._funcs
+
+
+class _MetadataCatalog:
+    def __init__(self) -> None:
+        self._meta: Dict[str, SimpleNamespace] = {}
+
+    def get(self, name: str) -> SimpleNamespace:
+        return self._meta.setdefault(name, SimpleNamespace(name=name))
+
+
+DatasetCatalog = _DatasetCatalog()
+MetadataCatalog = _MetadataCatalog()
+
+
+def _require_dir(path: str, name: str) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"dataset {name!r}: directory not found: {os.path.abspath(path)} "
+            "(set DATASETS.ROOT or $SCRL_DATASETS, or pass the path explicitly)"
+        )
+
+
+def list_images(root: str) -> List[str]:
+    """Every image file below ``root`` (recursive, following links), sorted."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        out.extend(os.path.join(dirpath, f) for f in sorted(filenames)
+                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+    return out
+
+
+def image_folder_dicts(root: str, name: Optional[str] = None) -> List[dict]:
+    name = name or root
+    _require_dir(root, name)
+    files = list_images(root)
+    if not files:
+        raise FileNotFoundError(f"dataset {name!r}: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    MetadataCatalog.get(name).num_classes = 0
+    return [{"file_name": f, "label": -1} for f in files]
+
+
+def class_folder_dicts(root: str, name: Optional[str] = None) -> List[dict]:
+    name = name or root
+    _require_dir(root, name)
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"dataset {name!r}: no class sub-folders under {root}")
+    dicts = []
+    for label, c in enumerate(classes):
+        dicts.extend({"file_name": f, "label": label} for f in list_images(os.path.join(root, c)))
+    if not dicts:
+        raise FileNotFoundError(f"dataset {name!r}: no images in the class folders under {root}")
+    meta = MetadataCatalog.get(name)
+    meta.classes, meta.num_classes = classes, len(classes)
+    return dicts
+
+
+def register_image_folder(name: str, root: str, labeled: bool = True) -> None:
+    """Register a folder by name: class sub-folders when ``labeled``, else any images."""
+    fn = class_folder_dicts if labeled else image_folder_dicts
+    DatasetCatalog.register(name, lambda: fn(root, name))
+
+
+def _register_builtin() -> None:
+    def under_root(kind: str, rel: str, name: str) -> Callable[[], List[dict]]:
+        fn = class_folder_dicts if kind == "classes" else image_folder_dicts
+        return lambda: fn(os.path.join(get_datasets_root(), rel), name)
+
+    for name, kind, rel in [
+        ("imagenet_train", "classes", "imagenet/train"),
+        ("imagenet_val", "classes", "imagenet/val"),
+        ("coco_2017_train_images", "images", "coco/train2017"),
+        ("coco_2017_unlabeled_images", "images", "coco/unlabeled2017"),
+    ]:
+        DatasetCatalog.register(name, under_root(kind, rel, name))
+
+    from .demo import demo_dicts
+
+    for split in ("train", "val"):
+        DatasetCatalog.register(f"scrl_demo_{split}", lambda s=split: demo_dicts(s))
+
+
+_register_builtin()

@@ -1,0 +1,106 @@
+"""The built-in demo data: small generated photographs of shapes on textures.
+
+Deterministic (fixed seeds), natural-looking enough to learn from (coloured objects
+with shading and texture over smooth backgrounds, varied sizes and aspect ratios), and
+labelled by the shape of the largest object, so a linear probe has something to find.
+Written once as JPEG files under ``<datasets root>/scrl_demo/{train,val}/<class>/`` so
+the demo exercises the real file-reading path.
+"""
+import os
+import shutil
+import tempfile
+from typing import List
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from . import catalog
+
+__all__ = ["DEMO_CLASSES", "DEMO_SPLITS", "demo_root", "ensure_demo_images", "demo_dicts", "render_demo_image"]
+
+DEMO_CLASSES = ("disc", "square", "triangle", "cross")
+DEMO_SPLITS = {"train": (512, 1), "val": (128, 2)}  # images, seed
+_VERSION = "1"
+
+
+def demo_root() -> str:
+    return os.path.join(catalog.get_datasets_root(), "scrl_demo")
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> Image.Image:
+    coarse = rng.uniform(0, 255, size=(4, 4, 3)).astype(np.uint8)
+    bg = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
+    arr = np.asarray(bg, dtype=np.float32)
+    yy, xx = np.mgrid[0:h, 0:w]
+    freq, angle = rng.uniform(0.05, 0.3), rng.uniform(0, np.pi)
+    stripes = np.sin(freq * (xx * np.cos(angle) + yy * np.sin(angle)))[..., None]
+    arr = arr * 0.8 + 25 * stripes + rng.normal(0, 6, size=arr.shape)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, color, outline) -> None:
+    if kind == "disc":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color, outline=outline, width=2)
+    elif kind == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color, outline=outline, width=2)
+    elif kind == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color, outline=outline)
+    else:
+        t = r / 3
+        draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=color)
+        draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=color)
+
+
+def render_demo_image(rng: np.random.Generator) -> "tuple[Image.Image, int]":
+    """One image and its label (the class of its largest object)."""
+    w, h = int(rng.integers(96, 176)), int(rng.integers(96, 160))
+    img = _background(rng, h, w)
+    draw = ImageDraw.Draw(img)
+    n = int(rng.integers(1, 4))
+    radii = sorted(rng.uniform(0.12, 0.3, size=n) * min(w, h), reverse=True)
+    label = int(rng.integers(len(DEMO_CLASSES)))
+    # Smaller objects first so the largest (labelled) one stays visible on top.
+    for i in reversed(range(n)):
+        kind = DEMO_CLASSES[label] if i == 0 else DEMO_CLASSES[int(rng.integers(len(DEMO_CLASSES)))]
+        r = radii[i]
+        cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
+        color = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        outline = tuple(max(0, c - 60) for c in color)
+        _draw_shape(draw, kind, cx, cy, r, color, outline)
+    img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.0, 0.8))))
+    return img, label
+
+
+def ensure_demo_images(root: str = "") -> str:
+    """Generate the demo images once (atomically: a finished folder or nothing)."""
+    root = root or demo_root()
+    marker = os.path.join(root, f".complete-v{_VERSION}")
+    if os.path.exists(marker):
+        return root
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".scrl_demo-", dir=parent)
+    try:
+        for split, (count, seed) in DEMO_SPLITS.items():
+            rng = np.random.default_rng(seed)
+            for c in DEMO_CLASSES:
+                os.makedirs(os.path.join(tmp, split, c), exist_ok=True)
+            for i in range(count):
+                img, label = render_demo_image(rng)
+                img.save(os.path.join(tmp, split, DEMO_CLASSES[label], f"{i:05d}.jpg"), quality=90)
+        open(os.path.join(tmp, f".complete-v{_VERSION}"), "w").close()
+        if os.path.exists(root):
+            shutil.rmtree(root, ignore_errors=True)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not os.path.exists(marker):  # not another process finishing first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def demo_dicts(split: str) -> List[dict]:
+    root = ensure_demo_images()
+    return catalog.class_folder_dicts(os.path.join(root, split), f"scrl_demo_{split}")

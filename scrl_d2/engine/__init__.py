@@ -1,0 +1,7 @@
+from .defaults import default_argument_parser, default_setup, resolve_device, resolve_output_dir
+from .hooks import EpochCheckpointer, HookBase, MetricsWriter, ProbeEvaluator
+from .launch import launch
+from .trainer import PretrainTrainer, amp_dtype
+
+__all__ = ["default_argument_parser", "default_setup", "resolve_device", "resolve_output_dir", "EpochCheckpointer",
+           "HookBase", "MetricsWriter", "ProbeEvaluator", "launch", "PretrainTrainer", "amp_dtype"]

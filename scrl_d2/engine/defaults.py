@@ -1,0 +1,115 @@
+"""Command-line conventions and per-run set-up, as Detectron2's ``engine.defaults``."""
+import argparse
+import logging
+import os
+import random
+import re
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..checkpoint import atomic_write, list_epoch_checkpoints
+from ..utils import comm
+from ..utils.logger import setup_logger
+
+__all__ = ["default_argument_parser", "default_setup", "resolve_output_dir", "seed_all_rng", "resolve_device"]
+
+
+def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        epilog=epilog or f"""
+Examples:
+
+Pretrain SCRL on 8 GPUs:
+    $ {sys.argv[0]} --config-file configs/scrl_pretrain.yaml --num-gpus 8
+
+Change some config options (KEY VALUE pairs after the flags):
+    $ {sys.argv[0]} --config-file cfg.yaml SOLVER.BASE_LR 0.2 OUTPUT_DIR output/run1
+
+Two machines:
+    (machine0)$ {sys.argv[0]} --num-gpus 8 --num-machines 2 --machine-rank 0 --dist-url tcp://HOST:PORT
+    (machine1)$ {sys.argv[0]} --num-gpus 8 --num-machines 2 --machine-rank 1 --dist-url tcp://HOST:PORT
+""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config-file", default="", metavar="FILE", help="path to config file")
+    parser.add_argument("--resume", action="store_true",
+                        help="resume from the newest checkpoint (automatic when OUTPUT_DIR has one; with an "
+                             "empty OUTPUT_DIR, continue the newest numbered run of this config)")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="evaluate a checkpoint (LOAD_DIR, OUTPUT_DIR or MODEL.WEIGHTS) without training")
+    parser.add_argument("--num-gpus", type=int, default=1,
+                        help="processes per machine (GPUs; CPU processes with gloo when there is no GPU)")
+    parser.add_argument("--num-machines", type=int, default=1, help="total number of machines")
+    parser.add_argument("--machine-rank", type=int, default=0, help="the rank of this machine")
+    parser.add_argument("--dist-url", default="auto",
+                        help="initialisation URL, tcp://HOST:PORT of the main machine; 'auto' picks a free port "
+                             "there and prints the address the other machines need")
+    parser.add_argument("opts", default=None, nargs=argparse.REMAINDER,
+                        help="config overrides as KEY VALUE pairs, e.g. SOLVER.BASE_LR 0.2")
+    return parser
+
+
+def resolve_output_dir(cfg, config_file: str, resume: bool) -> str:
+    """OUTPUT_DIR, or ``output/<config name>_<n>``: the next free ``n``, or with
+    ``resume`` the newest numbered run that holds a checkpoint."""
+    if cfg.OUTPUT_DIR:
+        return cfg.OUTPUT_DIR
+    stem = os.path.splitext(os.path.basename(config_file))[0] if config_file else "run"
+    pattern = re.compile(rf"^{re.escape(stem)}_(\d+)$")
+    runs = sorted(int(m.group(1)) for d in (os.listdir("output") if os.path.isdir("output") else [])
+                  for m in [pattern.match(d)] if m)
+    if resume:
+        for n in reversed(runs):
+            d = os.path.join("output", f"{stem}_{n}")
+            if list_epoch_checkpoints(d):
+                return d
+    return os.path.join("output", f"{stem}_{(runs[-1] + 1) if runs else 0}")
+
+
+def seed_all_rng(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(cfg) -> torch.device:
+    logger = logging.getLogger("scrl_d2")
+    name = cfg.MODEL.DEVICE
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            logger.warning(f"MODEL.DEVICE is {name!r} but no GPU is visible: running on the CPU")
+            return torch.device("cpu")
+        return torch.device("cuda", comm.get_local_rank()) if comm.get_world_size() > 1 else torch.device(name)
+    if name != "cpu":
+        raise ValueError(f"MODEL.DEVICE: unknown device {name!r}; use 'cuda' or 'cpu'")
+    return torch.device("cpu")
+
+
+def default_setup(cfg, args) -> None:
+    """Resolve OUTPUT_DIR and SEED (the same on every process), set up logging, log the
+    environment and the full config, and save the config as ``OUTPUT_DIR/config.yaml``."""
+    cfg.defrost()
+    out = resolve_output_dir(cfg, getattr(args, "config_file", ""), getattr(args, "resume", False))
+    cfg.OUTPUT_DIR = comm.broadcast_object(out)
+    if cfg.SEED < 0:
+        cfg.SEED = comm.broadcast_object(int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF)
+    cfg.freeze()
+    rank = comm.get_rank()
+    if comm.is_main_process():
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    comm.synchronize()
+    logger = setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank)
+    logger.info(f"rank {rank} of {comm.get_world_size()}; torch {torch.__version__}; "
+                f"CUDA {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
+    logger.info(f"command line: {' '.join(sys.argv)}")
+    if getattr(args, "config_file", ""):
+        logger.info(f"config file {args.config_file}")
+    logger.debug(f"full config:\n{cfg.dump()}")
+    if comm.is_main_process():
+        atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), lambda f: f.write(cfg.dump()), mode="w")
+        logger.info(f"config saved to {os.path.join(cfg.OUTPUT_DIR, 'config.yaml')}")
+    seed_all_rng(cfg.SEED + rank)
+    torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK

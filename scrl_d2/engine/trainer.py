@@ -1,0 +1,282 @@
+"""The pretraining loop: one implementation for CPU and GPU, 1..N processes."""
+import contextlib
+import logging
+import os
+import random
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..checkpoint import Checkpointer
+from ..data import build_eval_loader, build_pretrain_loader
+from ..modeling import build_model
+from ..solver import build_lr_scheduler, build_momentum_scheduler, build_optimizer, scaled_lr
+from ..utils import comm
+from .defaults import resolve_device
+from .hooks import EpochCheckpointer, HookBase, MetricsWriter, ProbeEvaluator
+
+__all__ = ["PretrainTrainer", "amp_dtype"]
+
+logger = logging.getLogger("scrl_d2.engine")
+
+
+def amp_dtype(cfg, device: torch.device) -> Optional[torch.dtype]:
+    """None when mixed precision is off; bf16 where supported, else fp16 (GPU)."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return None
+    choice = cfg.SOLVER.AMP.DTYPE
+    if choice not in ("auto", "bfloat16", "float16"):
+        raise ValueError(f"SOLVER.AMP.DTYPE: {choice!r} is not 'auto', 'bfloat16' or 'float16'")
+    if choice == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16
+    return getattr(torch, choice)
+
+
+def _rng_state() -> Dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def count_pairs(batch: Dict[str, torch.Tensor]) -> int:
+    """Pairs that produce a loss this step (SCRL needs >= 2 boxes for its heads' BN)."""
+    if "box_valid" in batch:
+        n = int(batch["box_valid"].sum())
+        return n if n >= 2 else 0
+    return int(batch["view1"].shape[0])
+
+
+class PretrainTrainer:
+    """Builds data, model, optimizer and schedules from ``cfg`` and runs the epochs.
+
+    Order of a step, as the release: set LR -> forward (autocast) -> backward ->
+    optimizer step -> EMA update with the momentum of this step.
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.device = resolve_device(cfg)
+        self.world_size = comm.get_world_size()
+        self.loader, self.sampler, num_classes = build_pretrain_loader(cfg, cfg.SEED)
+        model = build_model(cfg, num_classes=num_classes)
+        self._check_norm(model)
+        model.to(self.device)
+        if cfg.MODEL.CHANNELS_LAST:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        logger.info(f"built {type(model).__name__} on {self.device} with the torchvision/torch backend; "
+                    f"{sum(p.numel() for p in model.online_parameters()) / 1e6:.1f}M trainable parameters")
+        self.optimizer = build_optimizer(cfg, model, self.world_size)
+        self.dtype = amp_dtype(cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.dtype == torch.float16 and self.device.type == "cuda")
+        logger.info(f"mixed precision: {self.dtype or 'off'}; channels_last: {cfg.MODEL.CHANNELS_LAST}")
+        if self.world_size > 1:
+            self.ddp = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=True, gradient_as_bucket_view=True,
+            )
+        else:
+            self.ddp = model
+        self.iters_per_epoch = len(self.loader)
+        self.max_epoch = cfg.SOLVER.EPOCHS
+        self.max_iter = self.iters_per_epoch * self.max_epoch
+        if cfg.SOLVER.MAX_ITER > 0:
+            self.max_iter = min(self.max_iter, cfg.SOLVER.MAX_ITER)
+        self.lr_schedule = build_lr_scheduler(cfg, scaled_lr(cfg, self.world_size), self.iters_per_epoch)
+        self.momentum_schedule = build_momentum_scheduler(cfg, self.iters_per_epoch)
+        self.global_batch = cfg.SOLVER.IMS_PER_GPU * self.world_size
+        self.iter = self.start_iter = 0
+        self.epoch = 0
+        self.lr = self.momentum = 0.0
+        self.skipped_steps = 0
+        self.skipped_images = 0
+        self._window: List[Dict] = []
+        self.checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(),
+                                         optimizer=self.optimizer, scaler=self.scaler)
+        self.writer = MetricsWriter(cfg.OUTPUT_DIR, cfg.LOG_PERIOD)
+        self.hooks: List[HookBase] = [self.writer, EpochCheckpointer(cfg.SOLVER.SNAPSHOT_INTERVAL)]
+        if model.probe is not None and cfg.DATASETS.TEST and cfg.TEST.EVAL_PERIOD > 0:
+            self.hooks.append(ProbeEvaluator(cfg.TEST.EVAL_PERIOD, self.evaluate_probe, self.writer))
+        for h in self.hooks:
+            h.trainer = self
+
+    def _check_norm(self, model) -> None:
+        uses_sync = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+        if uses_sync and self.world_size > 1 and self.device.type == "cpu":
+            raise ValueError("SyncBN (MODEL.RESNETS.NORM / MODEL.BYOL.HEAD_NORM) needs GPUs with several "
+                             "processes; use 'BN' for multi-process CPU runs")
+        if uses_sync and self.world_size == 1:
+            logger.info("SyncBN with a single process behaves as BN")
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, name: str) -> None:
+        self.checkpointer.save(name, trainer=self.state_dict())
+        comm.synchronize()
+
+    def state_dict(self) -> Dict:
+        return {"iter": self.iter, "epoch": self.epoch, "seed": self.cfg.SEED, "skipped_steps": self.skipped_steps,
+                "skipped_images": self.skipped_images, "world_size": self.world_size, "rng": _rng_state()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.iter = self.start_iter = int(state["iter"])
+        self.epoch = self.iter // self.iters_per_epoch
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.skipped_images = state.get("skipped_images", 0)
+        if state.get("seed") != self.cfg.SEED:
+            logger.warning(f"resuming with SEED {self.cfg.SEED}, the checkpoint used {state.get('seed')}: "
+                           "the data order from here on differs from an uninterrupted run")
+        if state.get("world_size") != self.world_size:
+            logger.warning(f"resuming on {self.world_size} processes, the checkpoint was written by "
+                           f"{state.get('world_size')}: epoch lengths and LR scaling differ")
+        if "rng" in state:
+            _set_rng_state(state["rng"])
+
+    def resume_or_load(self, resume: bool = True) -> bool:
+        """Continue from the newest checkpoint of LOAD_DIR or OUTPUT_DIR when there is one
+        (everything: model, optimizer, scaler, schedules, RNG); else start from
+        MODEL.WEIGHTS (encoder only) or from scratch. Returns whether it resumed."""
+        cfg = self.cfg
+        directory = cfg.LOAD_DIR or cfg.OUTPUT_DIR
+        if cfg.LOAD_DIR and not os.path.isdir(cfg.LOAD_DIR):
+            raise FileNotFoundError(f"LOAD_DIR does not exist: {cfg.LOAD_DIR}")
+        probe = Checkpointer(self.model, directory, save_to_disk=False)
+        path = probe.get_checkpoint_file() if (resume or cfg.LOAD_DIR) else ""
+        if cfg.LOAD_DIR and not path:
+            raise FileNotFoundError(f"LOAD_DIR {cfg.LOAD_DIR} holds no checkpoint_*.pth")
+        if path:
+            logger.info(f"resuming from {path}")
+            extra = self.checkpointer.load(path)
+            self.load_state_dict(extra.get("trainer", {"iter": 0}))
+            logger.info(f"resumed at epoch {self.epoch}, iteration {self.iter}")
+            return True
+        if cfg.MODEL.WEIGHTS:
+            from ..checkpoint import load_checkpoint_file
+
+            from ..modeling import torchvision_to_d2
+
+            state = load_checkpoint_file(cfg.MODEL.WEIGHTS)
+            state = state.get("model", state.get("state_dict", state))
+            enc = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")} or \
+                  {torchvision_to_d2(k): v for k, v in state.items() if not k.startswith("fc.")}
+            result = self.model.backbone.load_state_dict(enc, strict=False)
+            if result.missing_keys:
+                raise ValueError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: encoder keys missing, e.g. "
+                                 f"{result.missing_keys[:5]}")
+            logger.info(f"initialised the online encoder from {cfg.MODEL.WEIGHTS}")
+        return False
+
+    # ---------------------------------------------------------------- loop
+    def epoch_float(self) -> float:
+        return self.iter / self.iters_per_epoch
+
+    def pop_window(self) -> List[Dict]:
+        window, self._window = self._window, []
+        return window
+
+    def train(self) -> None:
+        logger.info(f"training {self.max_iter} iterations ({self.iters_per_epoch}/epoch, {self.max_epoch} epochs) "
+                    f"from iteration {self.iter}; global batch {self.global_batch}; output {self.cfg.OUTPUT_DIR}")
+        for h in self.hooks:
+            h.before_train()
+        try:
+            while self.iter < self.max_iter:
+                self.run_epoch()
+        finally:
+            for h in self.hooks:
+                h.after_train()
+        logger.info(f"training done at iteration {self.iter}")
+
+    def run_epoch(self) -> None:
+        epoch = self.iter // self.iters_per_epoch
+        skip = self.iter - epoch * self.iters_per_epoch
+        self.sampler.set_epoch(epoch, start_batch=skip)  # mid-epoch resume: the batches not yet seen
+        self.ddp.train()
+        it = iter(self.loader)
+        for h in self.hooks:
+            h.before_epoch()
+        t_data = time.perf_counter()
+        for batch in it:
+            data_time = time.perf_counter() - t_data
+            self.run_step(batch, data_time)
+            t_data = time.perf_counter()
+            for h in self.hooks:
+                h.after_step()
+            if self.iter >= self.max_iter or self.iter % self.iters_per_epoch == 0:
+                break
+        self.epoch = self.iter // self.iters_per_epoch
+        if self.iter % self.iters_per_epoch == 0:
+            for h in self.hooks:
+                h.after_epoch()
+
+    def run_step(self, batch: Dict[str, torch.Tensor], data_time: float) -> None:
+        t0 = time.perf_counter()
+        self.lr = self.lr_schedule(self.iter)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr
+        self.skipped_images += int(batch.pop("skipped").sum())
+        pairs = count_pairs(batch)
+        if self.world_size > 1:
+            pairs = int(comm.all_reduce_cpu_sum(pairs))
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        values: Dict[str, torch.Tensor] = {}
+        if pairs == 0:
+            # No image of the global batch has a usable view overlap: nothing to learn.
+            self.skipped_steps += 1
+            logger.warning(f"iteration {self.iter}: no box pair in the batch on any process; step skipped "
+                           f"({self.skipped_steps} so far)")
+        else:
+            autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None
+                        else contextlib.nullcontext())
+            with autocast:
+                out = self.ddp(batch)
+            losses = {k: v for k, v in out.items() if k.startswith("loss")}
+            total = sum(losses.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.momentum = self.momentum_schedule(self.iter)
+            self.model.update_target(self.momentum)
+            values = {k: v.detach() for k, v in out.items()}
+        self.iter += 1
+        if self.device.type == "cuda" and (self.iter % self.writer.period == 0):
+            torch.cuda.synchronize()  # honest step times at the logging interval only
+        self._window.append({"values": values, "time": time.perf_counter() - t0 + data_time,
+                             "data_time": data_time})
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate_probe(self) -> float:
+        """Top-1 (%) of the online probe on DATASETS.TEST[0], over all processes."""
+        model = self.model
+        loader = build_eval_loader(self.cfg, self.cfg.DATASETS.TEST[0])
+        was_training = model.training
+        model.eval()
+        correct = total = 0
+        for batch in loader:
+            images = batch["image"].to(self.device, non_blocking=True)
+            if self.cfg.MODEL.CHANNELS_LAST:
+                images = images.contiguous(memory_format=torch.channels_last)
+            logits = model.classify(images)
+            labels = batch["label"].to(self.device)
+            correct += int((logits.argmax(1) == labels).sum())
+            total += int(labels.numel())
+        model.train(was_training)
+        correct = comm.all_reduce_cpu_sum(correct)
+        total = comm.all_reduce_cpu_sum(total)
+        return 100.0 * correct / max(total, 1)

@@ -1,0 +1,44 @@
+"""Projector / predictor MLPs and the RoI pooler (the two places SCRL touches)."""
+from typing import Tuple
+
+import torch
+from torch import nn
+from torchvision.ops import roi_align
+
+from .layers import get_norm1d
+
+__all__ = ["MLPHead", "BoxPooler"]
+
+
+class MLPHead(nn.Module):
+    """Linear -> norm -> ReLU -> Linear(no bias), as BYOL. Attribute ``net`` keeps the
+    official release's key names (``projector.net.0.weight``)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, norm: str = "BN"):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            get_norm1d(norm, hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, out_dim, bias=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BoxPooler(nn.Module):
+    """RoIAlign of boxes given in input-image pixels from a feature map of ``stride``."""
+
+    def __init__(self, output_size: int = 1, stride: int = 32, sampling_ratio: int = 0, aligned: bool = False):
+        super().__init__()
+        self.output_size: Tuple[int, int] = (output_size, output_size)
+        self.spatial_scale = 1.0 / stride
+        self.sampling_ratio = sampling_ratio if sampling_ratio > 0 else -1  # torchvision: <=0 adaptive
+        self.aligned = aligned
+
+    def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """``rois``: ``[N, 5]`` (batch index, x1, y1, x2, y2) -> ``[N, C * r * r]``."""
+        out = roi_align(features, rois.to(features.dtype), self.output_size, self.spatial_scale,
+                        self.sampling_ratio, self.aligned)
+        return out.flatten(1)

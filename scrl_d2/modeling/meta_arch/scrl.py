@@ -1,0 +1,52 @@
+"""SCRL: BYOL's objective on RoI-pooled features of spatially matched box pairs."""
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ...config import configurable
+from ..heads import BoxPooler
+from .build import META_ARCH_REGISTRY
+from .byol import BYOL
+
+__all__ = ["SCRL"]
+
+
+@META_ARCH_REGISTRY.register()
+class SCRL(BYOL):
+    """Each valid box pair of the batch is a unit: the online box feature of one view
+    regresses the target projection of the same original-image region in the other."""
+
+    @configurable
+    def __init__(self, *, pooler: nn.Module, **kwargs):
+        super().__init__(**kwargs)
+        self.pooler = pooler
+
+    @classmethod
+    def from_config(cls, cfg, num_classes: int = 0) -> dict:
+        ret = super().from_config(cfg, num_classes)
+        stride = ret["backbone"].output_shape()[ret["in_feature"]].stride
+        s = cfg.MODEL.SCRL
+        ret["pooler"] = BoxPooler(s.POOLER_RESOLUTION, stride, s.POOLER_SAMPLING_RATIO, s.POOLER_ALIGNED)
+        return ret
+
+    @staticmethod
+    def pooled_dim(cfg, channels: int) -> int:
+        return channels * cfg.MODEL.SCRL.POOLER_RESOLUTION ** 2
+
+    def pool(self, features: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
+        boxes1, boxes2, valid = batch["boxes1"], batch["boxes2"], batch["box_valid"]
+        B, K = valid.shape
+        img = torch.arange(B, device=boxes1.device, dtype=boxes1.dtype).view(B, 1, 1).expand(B, K, 1)
+        rois1 = torch.cat([img, boxes1], dim=2).view(-1, 5)
+        rois2 = torch.cat([img + B, boxes2], dim=2).view(-1, 5)
+        flat = valid.reshape(-1)
+        num = int(flat.sum())
+        if num >= 2:
+            idx = flat.nonzero().squeeze(1).to(rois1.device)
+            rois, weight = torch.cat([rois1[idx], rois2[idx]]), None
+        else:
+            # Too few pairs for the heads' batch norm: run every box with zero weight, so
+            # the step contributes no gradient yet all processes keep the same graph.
+            rois, weight, num = torch.cat([rois1, rois2]), torch.zeros(B * K, device=features.device), 0
+        return self.pooler(features, rois), weight, num

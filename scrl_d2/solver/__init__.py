@@ -1,0 +1,6 @@
+from .build import (StepSchedule, build_lr_scheduler, build_momentum_scheduler, build_optimizer, scaled_lr,
+                    split_norm_and_bias)
+from .lars import LARS
+
+__all__ = ["LARS", "StepSchedule", "build_lr_scheduler", "build_momentum_scheduler", "build_optimizer",
+           "scaled_lr", "split_norm_and_bias"]
