@@ -200,6 +200,22 @@ class PretrainTrainer:
             for h in self.hooks:
                 h.after_train()
         logger.info(f"training done at iteration {self.iter}")
+        if self.world_size > 1:
+            self.check_replicas_agree()
+
+    @torch.no_grad()
+    def check_replicas_agree(self) -> bool:
+        """Whether every process holds the same online and target weights (DDP's
+        promise; a mismatch means a non-deterministic or unsynchronised update)."""
+        fingerprint = [float(p.double().sum()) for p in self.model.parameters()]
+        fingerprint += [float(p.double().pow(2).sum()) for p in self.model.parameters()]
+        prints = comm.all_gather(fingerprint)
+        same = all(f == prints[0] for f in prints)
+        if same:
+            logger.info(f"weights identical on all {self.world_size} processes")
+        else:
+            logger.warning(f"weights differ between the {self.world_size} processes")
+        return same
 
     def run_epoch(self) -> None:
         epoch = self.iter // self.iters_per_epoch

@@ -1,0 +1,110 @@
+import numpy as np
+import pytest
+
+from scrl_d2.data.boxes import BoxPairGenerator, box_iou, view_to_original
+
+S = 224
+
+
+def random_geoms(rng, n, flip1=None, flip2=None, img=(400, 500)):
+    def one(flip):
+        h = rng.uniform(0.3, 1.0, n) * img[0]
+        w = rng.uniform(0.3, 1.0, n) * img[1]
+        top = rng.uniform(0, 1, n) * (img[0] - h)
+        left = rng.uniform(0, 1, n) * (img[1] - w)
+        f = rng.integers(0, 2, n) if flip is None else np.full(n, flip)
+        return np.stack([top, left, h, w, f], 1)
+    return one(flip1), one(flip2)
+
+
+@pytest.mark.parametrize("flip1,flip2", [(0, 0), (1, 0), (0, 1), (1, 1), (None, None)])
+@pytest.mark.parametrize("grid", [True, False])
+def test_pairs_cover_the_same_original_rectangle(flip1, flip2, grid):
+    rng = np.random.default_rng(0)
+    g1, g2 = random_geoms(rng, 200, flip1, flip2)
+    gen = BoxPairGenerator(input_size=S, grid_based=grid)
+    b1, b2, valid = gen(g1, g2, rng)
+    assert b1.shape == b2.shape == (200, 10, 4) and valid.shape == (200, 10)
+    assert valid.any()
+    o1 = view_to_original(b1, g1, S)[valid]
+    o2 = view_to_original(b2, g2, S)[valid]
+    # within a pixel of the views (the release rounds the scaled intersection, then clips)
+    sx = np.minimum(S / g1[:, 3], S / g2[:, 3])[:, None].repeat(10, 1)[valid]
+    sy = np.minimum(S / g1[:, 2], S / g2[:, 2])[:, None].repeat(10, 1)[valid]
+    diff = np.abs(o1 - o2) * np.stack([sx, sy, sx, sy], 1)
+    assert diff.max() <= 1.0, diff.max()
+    assert np.median(np.abs(o1 - o2)) < 1e-3  # and exactly equal where nothing was clipped
+    # both boxes lie inside their views and inside the views' common region
+    assert (b1[valid] >= 0).all() and (b1[valid] <= S).all() and (b2[valid] >= 0).all() and (b2[valid] <= S).all()
+    lo = np.maximum(g1[:, 1], g2[:, 1])[:, None].repeat(10, 1)[valid]
+    assert (o1[:, 0] >= lo - 1.0).all()
+
+
+def test_flip_mirrors_the_box():
+    rng = np.random.default_rng(1)
+    g = np.array([[0, 0, 224, 224, 0]], float)
+    gf = np.array([[0, 0, 224, 224, 1]], float)
+    gen = BoxPairGenerator(input_size=S)
+    b1, b2, valid = gen(g, gf, rng)
+    assert valid.all()
+    np.testing.assert_allclose(b2[0, :, 0], S - b1[0, :, 2], atol=1e-4)
+    np.testing.assert_allclose(b2[0, :, 2], S - b1[0, :, 0], atol=1e-4)
+    np.testing.assert_allclose(b2[0, :, [1, 3]], b1[0, :, [1, 3]], atol=1e-4)
+
+
+def test_min_size_and_iou_constraints():
+    rng = np.random.default_rng(2)
+    g1 = np.array([[0, 0, 300, 300, 0]] * 100, float)
+    g2 = np.array([[20, 10, 280, 290, 1]] * 100, float)
+    gen = BoxPairGenerator(input_size=S, min_size=32, iou_threshold=0.5)
+    b1, b2, valid = gen(g1, g2, rng)
+    assert valid.all()
+    for b in (b1, b2):
+        assert (b[..., 2] - b[..., 0] >= 32 - 1).all() and (b[..., 3] - b[..., 1] >= 32 - 1).all()
+    iou = box_iou(b1, b1)
+    iou[:, np.arange(10), np.arange(10)] = 0
+    assert iou.max() < 0.5
+
+
+def test_iou_rejection_keeps_last_try_when_no_room():
+    # an intersection barely above min_size: every box nearly fills it, IoU cannot stay low
+    rng = np.random.default_rng(3)
+    g1 = np.array([[0, 0, 224, 224, 0]], float)
+    g2 = np.array([[0, 0, 34, 34, 0]], float)  # 34 px of original = 34 px in the view of smaller scale
+    gen = BoxPairGenerator(input_size=S, min_size=32)
+    b1, b2, valid = gen(g1, g2, rng)
+    assert valid.all()  # boxes still produced: the last draw is kept after max_tries
+    np.testing.assert_allclose(view_to_original(b1, g1, S), view_to_original(b2, g2, S), atol=1.0)
+
+
+def test_no_overlap_and_tiny_overlap_give_no_boxes():
+    rng = np.random.default_rng(4)
+    gen = BoxPairGenerator(input_size=S, min_size=32)
+    g1 = np.array([[0, 0, 100, 100, 0], [0, 0, 100, 100, 0], [0, 0, 200, 200, 1]], float)
+    g2 = np.array([[0, 150, 100, 100, 1], [90, 90, 100, 100, 0], [10, 10, 200, 200, 0]], float)
+    b1, b2, valid = gen(g1, g2, rng)
+    assert not valid[0].any() and not valid[1].any() and valid[2].all()
+    assert (b1[:2] == 0).all() and (b2[:2] == 0).all()
+    assert not gen.views_overlap(g1[0], g2[0]) and gen.views_overlap(g1[2], g2[2])
+
+
+def test_jitter_moves_only_the_second_view_box():
+    rng = np.random.default_rng(5)
+    g1, g2 = random_geoms(rng, 50, 0, 0)
+    b1, b2, valid = BoxPairGenerator(input_size=S, jitter=True, jitter_ratio=0.1)(g1, g2, np.random.default_rng(9))
+    c1, c2, _ = BoxPairGenerator(input_size=S)(g1, g2, np.random.default_rng(9))
+    o1, o2 = view_to_original(b1, g1, S)[valid], view_to_original(b2, g2, S)[valid]
+    assert np.abs(o1 - o2).max() > 1.0  # jittered: no longer identical
+    w = o1[:, 2] - o1[:, 0]
+    assert (np.abs(o1 - o2)[:, 0] <= 0.1 * w * 2 + 1.5).all()  # ...but only by about the jitter ratio
+
+
+def test_batch_and_per_sample_generation_agree_in_distribution():
+    g1 = np.array([[0, 0, 300, 300, 0]], float)
+    g2 = np.array([[50, 50, 250, 250, 0]], float)
+    gen = BoxPairGenerator(input_size=S)
+    batch = gen(np.repeat(g1, 300, 0), np.repeat(g2, 300, 0), np.random.default_rng(0))[0]
+    single = np.concatenate([gen(g1, g2, np.random.default_rng(i))[0] for i in range(300)])
+    w_b = (batch[..., 2] - batch[..., 0]).mean()
+    w_s = (single[..., 2] - single[..., 0]).mean()
+    assert abs(w_b - w_s) / w_s < 0.05

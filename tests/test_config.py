@@ -1,0 +1,79 @@
+import glob
+import os
+
+import pytest
+
+from conftest import ROOT
+from scrl_d2.config import ConfigError, add_scrl_config, get_cfg
+from scrl_d2.config.config import CfgNode
+from scrl_d2.modeling import build_model
+
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+
+
+def load(path):
+    cfg = get_cfg()
+    cfg.merge_from_file(path)
+    return cfg
+
+
+def test_shipped_pretraining_configs_hold_the_release_values():
+    expect = {  # LR, WD, EMA, epochs (method.md's table)
+        "scrl_pretrain.yaml": ("SCRL", 0.45, 1e-6, 0.97, 200), "scrl_pretrain_1000ep.yaml": ("SCRL", 0.2, 1.5e-6, 0.996, 1000),
+        "byol_pretrain.yaml": ("BYOL", 0.45, 1e-6, 0.97, 200), "byol_pretrain_1000ep.yaml": ("BYOL", 0.2, 1.5e-6, 0.996, 1000),
+    }
+    for name, (arch, lr, wd, m, ep) in expect.items():
+        c = load(os.path.join(ROOT, "configs", name))
+        assert (c.MODEL.META_ARCHITECTURE, c.SOLVER.BASE_LR, c.SOLVER.WEIGHT_DECAY, c.MODEL.BYOL.BASE_MOMENTUM,
+                c.SOLVER.EPOCHS) == (arch, lr, wd, m, ep)
+        assert c.SOLVER.WARMUP_EPOCHS == 10 and c.SOLVER.IMS_PER_GPU == 256 and c.MODEL.RESNETS.DEPTH == 50
+        assert tuple(c.INPUT.CROP_SCALE) == (0.2, 1.0) and tuple(c.INPUT.BLUR_PROB) == (1.0, 0.1)
+        assert tuple(c.INPUT.SOLARIZE_PROB) == (0.0, 0.2) and c.INPUT.BLUR_TYPE == "resize"
+    c = load(os.path.join(ROOT, "configs", "scrl_pretrain.yaml"))
+    assert (c.MODEL.SCRL.NUM_BOXES, c.MODEL.SCRL.MIN_SIZE, c.MODEL.SCRL.IOU_THRESHOLD) == (10, 32, 0.5)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_shipped_config_builds_its_model(path):
+    cfg = load(path)
+    if cfg.MODEL.RESNETS.DEPTH == 50:  # keep it quick: the R50 graph without the 4096-wide heads
+        cfg.MODEL.BYOL.PROJECTOR_HIDDEN_DIM = cfg.MODEL.BYOL.PREDICTOR_HIDDEN_DIM = 16
+    cfg.MODEL.PROBE.NUM_CLASSES = 5
+    assert type(build_model(cfg)).__name__ == cfg.MODEL.META_ARCHITECTURE
+
+
+def test_resnet101_is_supported():
+    cfg = load(os.path.join(ROOT, "configs", "scrl_pretrain.yaml"))
+    cfg.merge_from_list(["MODEL.RESNETS.DEPTH", "101", "MODEL.BYOL.PROJECTOR_HIDDEN_DIM", "16",
+                         "MODEL.BYOL.PREDICTOR_HIDDEN_DIM", "16", "MODEL.PROBE.ENABLED", "False"])
+    assert len(build_model(cfg).backbone.res4) == 23
+
+
+def test_unknown_key_in_yaml_is_named(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("_BASE_: '%s'\nSOLVER:\n  BASE_LRR: 0.1\n" % os.path.join(ROOT, "configs", "scrl_pretrain.yaml"))
+    with pytest.raises(ConfigError, match=r"SOLVER\.BASE_LRR.*bad\.yaml"):
+        load(str(p))
+
+
+def test_unknown_or_mistyped_override_is_named():
+    cfg = get_cfg()
+    with pytest.raises(ConfigError, match=r"MODEL\.RESNET\.DEPTH"):
+        cfg.merge_from_list(["MODEL.RESNET.DEPTH", "101"])
+    with pytest.raises(ConfigError, match=r"SOLVER\.EPOCHS"):
+        cfg.merge_from_list(["SOLVER.EPOCHS", "'many'"])
+    with pytest.raises(ConfigError, match="KEY VALUE"):
+        cfg.merge_from_list(["SOLVER.EPOCHS"])
+    cfg.merge_from_list(["SOLVER.BASE_LR", "1", "SOLVER.EPOCHS", "3"])  # int for a float is fine
+    assert cfg.SOLVER.BASE_LR == 1.0 and isinstance(cfg.SOLVER.BASE_LR, float)
+
+
+def test_missing_config_file_is_named():
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load("nope.yaml")
+
+
+def test_add_scrl_config_keeps_existing_values():
+    other = CfgNode({"MODEL": CfgNode({"RESNETS": CfgNode({"DEPTH": 101})}), "FOO": 1})
+    add_scrl_config(other)
+    assert other.MODEL.RESNETS.DEPTH == 101 and other.MODEL.SCRL.NUM_BOXES == 10 and other.FOO == 1

@@ -1,0 +1,118 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as F
+from PIL import Image
+
+from conftest import make_image_folder, tiny_cfg
+from scrl_d2.data import DatasetCatalog, PretrainDataset, TwoViewAugmentation, build_pretrain_loader, read_image
+from scrl_d2.data.boxes import BoxPairGenerator, view_to_original
+from scrl_d2.data.datasets import SeededSampler
+
+
+def test_missing_dataset_path_is_named(tmp_path):
+    missing = tmp_path / "no_such_dir"
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        DatasetCatalog.get(f"images:{missing}")
+    cfg = tiny_cfg(f"classes:{missing}")
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        build_pretrain_loader(cfg, 0)
+    with pytest.raises(KeyError, match="not_registered"):
+        DatasetCatalog.get("not_registered")
+
+
+def test_unlabeled_folder_is_recursive(tmp_path):
+    make_image_folder(str(tmp_path / "a" / "b"), n=3, classes=False)
+    make_image_folder(str(tmp_path / "c"), n=2, classes=False)
+    (tmp_path / "notes.txt").write_text("not an image")
+    dicts = DatasetCatalog.get(f"images:{tmp_path}")
+    assert len(dicts) == 5 and all(d["label"] == -1 for d in dicts)
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "LA", "I;16", "1"])
+def test_odd_image_modes_become_rgb(tmp_path, mode):
+    arr = (np.arange(32 * 40 * 3) % 251).astype(np.uint8).reshape(32, 40, 3)
+    img = Image.fromarray(arr).convert(mode if mode != "I;16" else "L")
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(img).astype(np.uint16) * 200).convert("I;16")
+    path = str(tmp_path / ("x.tif" if mode in ("CMYK", "I;16") else "x.png"))
+    img.save(path)
+    out = read_image(path)
+    assert out.mode == "RGB" and out.size == (40, 32)
+
+
+def test_corrupt_and_truncated_images_are_skipped_and_counted(tmp_path):
+    root = make_image_folder(str(tmp_path / "data"), n=16, classes=False)
+    with open(os.path.join(root, "corrupt.jpg"), "wb") as f:
+        f.write(b"this is not a jpeg")
+    good = open(os.path.join(root, "0000.jpg"), "rb").read()
+    with open(os.path.join(root, "truncated.jpg"), "wb") as f:
+        f.write(good[: len(good) // 2])
+    cfg = tiny_cfg(f"images:{root}")
+    cfg.SOLVER.IMS_PER_GPU = 18  # the whole folder in one batch: the two bad files must be hit
+    loader, sampler, _ = build_pretrain_loader(cfg, 0)
+    batch = next(iter(loader))
+    assert batch["view1"].shape[0] == 18  # batch keeps its size
+    assert int(batch["skipped"].sum()) >= 2
+
+
+def test_views_record_their_geometry(image_folder):
+    """With colour ops off, a view equals the recorded crop of the original, resized and flipped."""
+    cfg = tiny_cfg(f"classes:{image_folder}")
+    cfg.merge_from_list(["INPUT.COLOR_JITTER_PROB", "0.0", "INPUT.GRAYSCALE_PROB", "0.0", "INPUT.BLUR_PROB",
+                         "(0.0, 0.0)", "INPUT.SOLARIZE_PROB", "(0.0, 0.0)"])
+    dicts = DatasetCatalog.get(f"classes:{image_folder}")
+    ds = PretrainDataset(dicts, TwoViewAugmentation.from_config(cfg))
+    flips = set()
+    for i in range(8):
+        s = ds[(i, 1000 + i)]
+        img = read_image(dicts[i]["file_name"])
+        for v, g in (("view1", s["geom1"]), ("view2", s["geom2"])):
+            t, l, h, w, f = g.tolist()
+            ref = F.resized_crop(img, int(t), int(l), int(h), int(w), [64, 64], F.InterpolationMode.BICUBIC)
+            ref = F.pil_to_tensor(F.hflip(ref) if f else ref)
+            assert torch.equal(ref, s[v])
+            flips.add(f)
+    assert flips == {0.0, 1.0}
+
+
+def test_sample_is_a_function_of_its_seed_and_boxes_match(image_folder):
+    cfg = tiny_cfg(f"classes:{image_folder}")
+    dicts = DatasetCatalog.get(f"classes:{image_folder}")
+    gen = BoxPairGenerator.from_config(cfg)
+    ds = PretrainDataset(dicts, TwoViewAugmentation.from_config(cfg), gen)
+    a, b = ds[(3, 42)], ds[(3, 42)]
+    assert all(torch.equal(a[k], b[k]) for k in ("view1", "view2", "boxes1", "boxes2"))
+    assert not torch.equal(a["view1"], ds[(3, 43)]["view1"])
+    v = a["box_valid"].numpy()
+    if v.any():
+        o1 = view_to_original(a["boxes1"].numpy(), a["geom1"].numpy(), 64)[v]
+        o2 = view_to_original(a["boxes2"].numpy(), a["geom2"].numpy(), 64)[v]
+        assert np.abs(o1 - o2).max() < 3.0
+
+
+def test_require_overlap_resamples_crops(image_folder):
+    cfg = tiny_cfg(f"classes:{image_folder}")
+    cfg.merge_from_list(["INPUT.CROP_SCALE", "(0.05, 0.1)", "MODEL.SCRL.MAX_CROP_TRIES", "50"])
+    dicts = DatasetCatalog.get(f"classes:{image_folder}")
+    gen = BoxPairGenerator.from_config(cfg)
+    aug = TwoViewAugmentation.from_config(cfg)
+    plain = PretrainDataset(dicts, aug, gen)
+    forced = PretrainDataset(dicts, aug, gen, require_overlap=True, max_crop_tries=50)
+    frac = lambda ds: np.mean([ds[(i % len(dicts), i)]["box_valid"].any().item() for i in range(40)])  # noqa: E731
+    assert frac(forced) > frac(plain)
+
+
+def test_sampler_shards_and_resumes():
+    s0, s1 = SeededSampler(20, 4, seed=1, rank=0, world_size=2), SeededSampler(20, 4, seed=1, rank=1, world_size=2)
+    a, b = [i for i, _ in s0], [i for i, _ in s1]
+    assert len(a) == len(b) == 8 and not set(a) & set(b)
+    full = list(s0)
+    s0.set_epoch(0, start_batch=1)
+    assert list(s0) == full[4:]
+    s0.set_epoch(1)
+    assert [i for i, _ in s0] != a
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        SeededSampler(5, 4, seed=0, world_size=2)

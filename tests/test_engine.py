@@ -1,0 +1,124 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_opts
+from scrl_d2.checkpoint import Checkpointer, atomic_torch_save
+
+TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
+
+
+def run_cli(*args, env_extra=None, check=True):
+    env = dict(os.environ, **(env_extra or {}))
+    r = subprocess.run([sys.executable, TRAIN_NET, *args], capture_output=True, text=True, env=env, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"train_net failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def model_state(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("arch", ["SCRL", "BYOL"])
+def test_resume_in_a_fresh_process_equals_an_uninterrupted_run(tmp_path, image_folder, arch):
+    data = f"classes:{image_folder}"  # 48 images, batch 8: 6 iterations per epoch, 2 epochs
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    run_cli(*tiny_opts(data, straight, arch))
+    r = run_cli(*tiny_opts(data, split, arch), "SOLVER.MAX_ITER", "6")  # "interrupted" after epoch 1
+    assert os.path.exists(os.path.join(split, "checkpoint_1.pth")) and not os.path.exists(
+        os.path.join(split, "checkpoint_2.pth"))
+    r = run_cli(*tiny_opts(data, split, arch))  # a fresh process picks up checkpoint_last
+    assert "resumed at epoch 1, iteration 6" in r.stdout
+    a, b = model_state(os.path.join(straight, "checkpoint_2.pth")), model_state(os.path.join(split, "checkpoint_2.pth"))
+    assert_same_weights(a, b)
+    full = torch.load(os.path.join(split, "checkpoint_last.pth"), weights_only=False)
+    assert {"model", "optimizer", "scaler", "trainer"} <= set(full) and full["trainer"]["iter"] == 12
+    lines = [json.loads(x) for x in open(os.path.join(straight, "metrics.json"))]
+    assert lines[-1]["iteration"] == 12 and lines[-1]["loss"] < lines[0]["loss"]
+    assert os.path.islink(os.path.join(split, "checkpoint_last.pth"))
+
+
+def test_mid_epoch_stop_resumes_mid_epoch(tmp_path, image_folder):
+    data = f"classes:{image_folder}"
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    run_cli(*tiny_opts(data, straight))
+    run_cli(*tiny_opts(data, split), "SOLVER.MAX_ITER", "4")
+    assert os.path.exists(os.path.join(split, "checkpoint_0_iter4.pth"))
+    r = run_cli(*tiny_opts(data, split))
+    assert "iteration 4" in r.stdout
+    assert_same_weights(model_state(os.path.join(straight, "checkpoint_2.pth")),
+                        model_state(os.path.join(split, "checkpoint_2.pth")))
+
+
+def test_two_processes_with_gloo_train_and_agree(tmp_path, image_folder):
+    out = str(tmp_path / "ddp")
+    opts = tiny_opts(f"classes:{image_folder}", out)
+    r = run_cli("--num-gpus", "2", *opts, "SOLVER.IMS_PER_GPU", "4", "SOLVER.EPOCHS", "1", "SOLVER.WARMUP_EPOCHS", "0")
+    assert "global batch 8" in r.stdout and "rank 0 of 2" in r.stdout
+    assert "weights identical on all 2 processes" in r.stdout  # all parameters compared across ranks
+    assert os.path.exists(os.path.join(out, "checkpoint_1.pth")) and os.path.exists(os.path.join(out, "log.txt.rank1"))
+    lines = [json.loads(x) for x in open(os.path.join(out, "metrics.json"))]
+    assert lines[-1]["iteration"] == 6
+
+
+def test_demo_config_runs_from_the_command_line(tmp_path):
+    out = str(tmp_path / "demo")
+    r = run_cli("--config-file", os.path.join(ROOT, "configs", "demo", "scrl_demo.yaml"), "OUTPUT_DIR", out,
+                "SOLVER.MAX_ITER", "3", "LOG_PERIOD", "1", env_extra={"SCRL_DATASETS": str(tmp_path / "ds")})
+    assert "no GPU is visible" in r.stdout or "cuda" in r.stdout
+    assert os.path.exists(os.path.join(out, "checkpoint_0_iter3.pth"))
+    assert os.path.exists(os.path.join(out, "config.yaml")) and os.path.exists(os.path.join(out, "log.txt"))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out))
+
+
+def test_bad_config_key_fails_cleanly_from_the_cli(tmp_path):
+    r = run_cli("--config-file", os.path.join(ROOT, "configs", "demo", "scrl_demo.yaml"), "SOLVER.BASE_LRR", "1",
+                check=False)
+    assert r.returncode == 2 and "SOLVER.BASE_LRR" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_only_reports_probe_accuracy(tmp_path, image_folder):
+    out = str(tmp_path / "ev")
+    data = f"classes:{image_folder}"
+    opts = tiny_opts(data, out) + ["MODEL.PROBE.ENABLED", "True", "DATASETS.TEST", f"('{data}',)"]
+    run_cli(*opts, "SOLVER.EPOCHS", "1", "SOLVER.WARMUP_EPOCHS", "0")
+    r = run_cli("--eval-only", *opts)
+    assert "online probe top-1" in r.stdout
+
+
+def test_checkpoint_is_never_half_written(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint_1.pth")
+    atomic_torch_save({"a": torch.ones(3)}, path)
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_torch_save({"a": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path)["a"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["checkpoint_1.pth"]
+
+
+def test_resume_picks_newest_complete_checkpoint_without_tag(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    ck = Checkpointer(model, str(tmp_path))
+    ck.save("checkpoint_1")
+    ck.save("checkpoint_2")
+    os.remove(tmp_path / "last_checkpoint")
+    os.remove(tmp_path / "checkpoint_last.pth")
+    assert ck.get_checkpoint_file().endswith("checkpoint_2.pth")
