@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import Checkpointer
+from ..checkpoint import Checkpointer, load_checkpoint_file
 from ..data import build_eval_loader, build_pretrain_loader
-from ..modeling import build_model
+from ..modeling import build_model, torchvision_to_d2
 from ..solver import build_lr_scheduler, build_momentum_scheduler, build_optimizer, scaled_lr
 from ..utils import comm
 from .defaults import resolve_device
@@ -165,10 +165,6 @@ class PretrainTrainer:
             logger.info(f"resumed at epoch {self.epoch}, iteration {self.iter}")
             return True
         if cfg.MODEL.WEIGHTS:
-            from ..checkpoint import load_checkpoint_file
-
-            from ..modeling import torchvision_to_d2
-
             state = load_checkpoint_file(cfg.MODEL.WEIGHTS)
             state = state.get("model", state.get("state_dict", state))
             enc = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")} or \

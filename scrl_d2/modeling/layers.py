@@ -1,4 +1,5 @@
 """Normalisation layers by Detectron2's names, and a conv that carries its norm."""
+from collections import namedtuple
 from typing import Optional
 
 import torch
@@ -6,8 +7,6 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 __all__ = ["get_norm", "get_norm1d", "Conv2d", "ShapeSpec"]
-
-from collections import namedtuple
 
 ShapeSpec = namedtuple("ShapeSpec", ["channels", "stride"])
 
