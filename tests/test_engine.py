@@ -122,3 +122,51 @@ def test_resume_picks_newest_complete_checkpoint_without_tag(tmp_path):
     os.remove(tmp_path / "last_checkpoint")
     os.remove(tmp_path / "checkpoint_last.pth")
     assert ck.get_checkpoint_file().endswith("checkpoint_2.pth")
+
+
+def _train_in_process(cfg):
+    from scrl_d2.engine import PretrainTrainer
+    from scrl_d2.utils.logger import setup_logger
+
+    setup_logger(cfg.OUTPUT_DIR)
+    trainer = PretrainTrainer(cfg)
+    trainer.resume_or_load()
+    trainer.train()
+    return trainer
+
+
+def test_steps_without_any_box_pair_are_skipped_and_logged(tmp_path, image_folder, caplog):
+    from conftest import tiny_cfg
+
+    # crops of 1-2 % of the image almost never share a 60 px region: no box pairs at all
+    cfg = tiny_cfg(f"classes:{image_folder}", out=str(tmp_path / "nobox"))
+    cfg.merge_from_list(["INPUT.CROP_SCALE", "(0.01, 0.02)", "MODEL.SCRL.MIN_SIZE", "60", "SOLVER.MAX_ITER", "3"])
+    before = {n: p.detach().clone() for n, p in _fresh_params(cfg)}
+    trainer = _train_in_process(cfg)
+    assert trainer.iter == 3 and trainer.skipped_steps == 3
+    for n, p in trainer.model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n])  # no update, no EMA on a skipped step
+    lines = [json.loads(x) for x in open(os.path.join(cfg.OUTPUT_DIR, "metrics.json"))]
+    assert lines[-1]["skipped_steps"] == 3
+
+
+def _fresh_params(cfg):
+    from scrl_d2.engine.defaults import seed_all_rng
+    from scrl_d2.modeling import build_model
+
+    seed_all_rng(123)
+    m = build_model(cfg)
+    seed_all_rng(123)
+    return list(m.named_parameters())
+
+
+@pytest.mark.parametrize("arch", ["SCRL", "BYOL"])
+def test_mixed_precision_step_on_cpu(tmp_path, image_folder, arch):
+    from conftest import tiny_cfg
+
+    cfg = tiny_cfg(f"classes:{image_folder}", arch, out=str(tmp_path / "amp"))
+    cfg.merge_from_list(["SOLVER.AMP.ENABLED", "True", "MODEL.CHANNELS_LAST", "True", "SOLVER.MAX_ITER", "2"])
+    trainer = _train_in_process(cfg)
+    assert trainer.dtype == torch.bfloat16 and trainer.iter == 2
+    lines = [json.loads(x) for x in open(os.path.join(cfg.OUTPUT_DIR, "metrics.json"))]
+    assert all(torch.isfinite(torch.tensor(x["loss"])) for x in lines)

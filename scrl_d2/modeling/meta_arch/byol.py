@@ -69,10 +69,10 @@ class BYOL(nn.Module):
         num_classes = cfg.MODEL.PROBE.NUM_CLASSES or num_classes
         probe = None
         if cfg.MODEL.PROBE.ENABLED:
-            if num_classes <= 0:
-                raise ValueError("MODEL.PROBE.ENABLED needs labelled data: the training set has no classes "
-                                 "(set MODEL.PROBE.NUM_CLASSES or disable the probe)")
-            probe = nn.Linear(dim, num_classes)
+            if num_classes > 0:
+                probe = nn.Linear(dim, num_classes)
+            else:
+                logger.warning("MODEL.PROBE.ENABLED but the training data has no labels: no online probe")
         return dict(
             backbone=backbone, target_backbone=target_backbone,
             projector=MLPHead(in_dim, b.PROJECTOR_HIDDEN_DIM, b.PROJECTION_DIM, b.HEAD_NORM),
