@@ -13,7 +13,7 @@ setup(
         "torch>=2.1",
         "torchvision>=0.16",
         "fvcore>=0.1.5",
-        "iopath>=0.1.9",
+        "iopath>=0.1.7",
         "numpy",
         "Pillow>=9.0",
         "PyYAML",

@@ -67,9 +67,20 @@ def list_epoch_checkpoints(directory: str) -> List[str]:
     return [os.path.join(directory, f) for _, _, f in sorted(found)]
 
 
-class Checkpointer(_FvCheckpointer):
-    """fvcore's Checkpointer with atomic saves, the release's file names, strict
-    loading for resume, and a fallback to the newest complete file."""
+def _base_checkpointer():
+    from ..backend import use_detectron2
+
+    if use_detectron2():
+        from detectron2.checkpoint import DetectionCheckpointer
+
+        return DetectionCheckpointer
+    return _FvCheckpointer
+
+
+class Checkpointer(_base_checkpointer()):
+    """fvcore's Checkpointer (Detectron2's ``DetectionCheckpointer`` with that backend)
+    with atomic saves, the release's file names, strict loading for resume, and a
+    fallback to the newest complete file."""
 
     def __init__(self, model, save_dir: str = "", *, save_to_disk: bool = True, strict: bool = True,
                  **checkpointables):
@@ -118,6 +129,8 @@ class Checkpointer(_FvCheckpointer):
         return bool(self.save_dir) and bool(self.get_checkpoint_file())
 
     def _load_file(self, f: str) -> Dict[str, Any]:
+        if f.endswith(".pkl"):  # Detectron2 / model-zoo format
+            return super()._load_file(f)
         return load_checkpoint_file(f)
 
     def _load_model(self, checkpoint: Any):

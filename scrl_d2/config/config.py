@@ -82,10 +82,32 @@ def _coerce_ints(default: _FvCfgNode, loaded: _FvCfgNode, prefix: str) -> None:
 
 
 def get_cfg() -> CfgNode:
-    """A fresh copy of the defaults of ``scrl_d2/config/defaults.py``."""
+    """A fresh copy of the defaults of ``scrl_d2/config/defaults.py``.
+
+    With the Detectron2 backend, Detectron2's own defaults come underneath (its builders
+    read keys we do not define, e.g. ``MODEL.RESNETS.DEFORM_ON_PER_STAGE``), and ours
+    take precedence wherever both define a key, so a YAML file means the same thing on
+    both backends.
+    """
+    from ..backend import use_detectron2
     from .defaults import _C
 
-    return CfgNode(_C.clone())
+    ours = CfgNode(_C.clone())
+    if not use_detectron2():
+        return ours
+    from detectron2.config import get_cfg as d2_get_cfg
+
+    cfg = CfgNode(d2_get_cfg())
+    _overlay(cfg, ours)
+    return cfg
+
+
+def _overlay(dst: _FvCfgNode, src: _FvCfgNode) -> None:
+    for k, v in src.items():
+        if isinstance(v, _FvCfgNode) and isinstance(dst.get(k), _FvCfgNode):
+            _overlay(dst[k], v)
+        else:
+            dst[k] = v.clone() if isinstance(v, _FvCfgNode) else v
 
 
 def add_scrl_config(cfg: _FvCfgNode) -> None:
@@ -101,8 +123,8 @@ def _add_missing(dst: _FvCfgNode, src: _FvCfgNode) -> None:
     was_frozen = dst.is_frozen()
     dst.defrost()
     for k, v in src.items():
-        if k not in dst:
-            dst[k] = v.clone() if isinstance(v, _FvCfgNode) else v
+        if k not in dst:  # a subtree takes the target's class (Detectron2's CfgNode there)
+            dst[k] = type(dst)(v.clone()) if isinstance(v, _FvCfgNode) else v
         elif isinstance(v, _FvCfgNode) and isinstance(dst[k], _FvCfgNode):
             _add_missing(dst[k], v)
     if was_frozen:

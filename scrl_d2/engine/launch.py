@@ -1,9 +1,9 @@
-"""Start 1..N processes per machine over 1..M machines (Detectron2's ``launch``).
+"""Start 1..N processes per machine over 1..M machines.
 
-Processes use NCCL on GPUs and gloo on CPUs, so the multi-process path also runs (and
-is tested) on a machine without a GPU.
+Detectron2's ``launch`` does it when Detectron2 is the backend; otherwise an equivalent
+over ``torch.multiprocessing``. Processes use NCCL on GPUs and gloo on CPUs, so the
+multi-process path also runs (and is tested) on a machine without a GPU.
 """
-import logging
 import socket
 from datetime import timedelta
 from typing import Callable, Optional, Tuple
@@ -16,7 +16,6 @@ from ..utils import comm
 
 __all__ = ["launch", "find_free_port", "resolve_dist_url"]
 
-logger = logging.getLogger("scrl_d2.engine")
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 
@@ -61,6 +60,17 @@ def launch(main_func: Callable, num_gpus_per_machine: int, num_machines: int = 1
     if torch.cuda.is_available() and num_gpus_per_machine > torch.cuda.device_count():
         raise ValueError(f"--num-gpus {num_gpus_per_machine} but only {torch.cuda.device_count()} GPUs are visible")
     url = resolve_dist_url(dist_url, num_machines, machine_rank)
+    from ..backend import use_detectron2
+
+    if use_detectron2():
+        from detectron2.engine import launch as d2_launch
+
+        print(f"[scrl_d2] starting {num_gpus_per_machine} processes with detectron2.engine.launch", flush=True)
+        d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines, machine_rank=machine_rank,
+                  dist_url=url, args=args, timeout=timeout)
+        return
+    print(f"[scrl_d2] starting {num_gpus_per_machine} processes ({'nccl' if torch.cuda.is_available() else 'gloo'})",
+          flush=True)
     mp.start_processes(
         _distributed_worker, nprocs=num_gpus_per_machine,
         args=(main_func, world_size, num_gpus_per_machine, machine_rank, url, args, timeout),

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..backend import backend_name
 from ..checkpoint import Checkpointer, load_checkpoint_file
 from ..data import build_eval_loader, build_pretrain_loader
 from ..modeling import build_model, torchvision_to_d2
@@ -78,7 +79,8 @@ class PretrainTrainer:
         if cfg.MODEL.CHANNELS_LAST:
             model.to(memory_format=torch.channels_last)
         self.model = model
-        logger.info(f"built {type(model).__name__} on {self.device} with the torchvision/torch backend; "
+        logger.info(f"built {type(model).__name__} on {self.device} with the {backend_name()} backend "
+                    f"(encoder {type(model.backbone).__module__}.{type(model.backbone).__name__}); "
                     f"{sum(p.numel() for p in model.online_parameters()) / 1e6:.1f}M trainable parameters")
         self.optimizer = build_optimizer(cfg, model, self.world_size)
         self.dtype = amp_dtype(cfg, self.device)
@@ -88,7 +90,7 @@ class PretrainTrainer:
         if self.world_size > 1:
             self.ddp = DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=True, gradient_as_bucket_view=True,
+                gradient_as_bucket_view=True,
             )
         else:
             self.ddp = model

@@ -163,6 +163,15 @@ def build_resnet_backbone(cfg) -> ResNet:
 
 
 def build_backbone(cfg) -> nn.Module:
+    """The encoder named by MODEL.BACKBONE.NAME: from Detectron2's BACKBONE_REGISTRY
+    with the Detectron2 backend, else from ours. Both return ``{"res5": ...}`` and
+    share parameter names."""
+    from ..backend import use_detectron2
+
+    if use_detectron2():
+        from detectron2.modeling import build_backbone as d2_build_backbone
+
+        return d2_build_backbone(cfg)
     name = cfg.MODEL.BACKBONE.NAME
     try:
         fn = BACKBONE_REGISTRY.get(name)

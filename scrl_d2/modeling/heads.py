@@ -28,7 +28,8 @@ class MLPHead(nn.Module):
 
 
 class BoxPooler(nn.Module):
-    """RoIAlign of boxes given in input-image pixels from a feature map of ``stride``."""
+    """RoIAlign of boxes given in input-image pixels from a feature map of ``stride``:
+    Detectron2's ``ROIAlign`` with that backend, else torchvision's ``roi_align``."""
 
     def __init__(self, output_size: int = 1, stride: int = 32, sampling_ratio: int = 0, aligned: bool = False):
         super().__init__()
@@ -37,8 +38,19 @@ class BoxPooler(nn.Module):
         self.sampling_ratio = sampling_ratio if sampling_ratio > 0 else -1  # torchvision: <=0 adaptive
         self.aligned = aligned
 
+        from ..backend import use_detectron2
+
+        self.d2_roi_align = None
+        if use_detectron2():
+            from detectron2.layers import ROIAlign
+
+            self.d2_roi_align = ROIAlign(self.output_size, self.spatial_scale, max(sampling_ratio, 0), aligned)
+
     def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         """``rois``: ``[N, 5]`` (batch index, x1, y1, x2, y2) -> ``[N, C * r * r]``."""
-        out = roi_align(features, rois.to(features.dtype), self.output_size, self.spatial_scale,
-                        self.sampling_ratio, self.aligned)
+        rois = rois.to(features.dtype)
+        if self.d2_roi_align is not None:
+            out = self.d2_roi_align(features, rois)
+        else:
+            out = roi_align(features, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
         return out.flatten(1)

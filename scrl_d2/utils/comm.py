@@ -87,3 +87,21 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src, group=_cpu_group())
     return box[0]
+
+
+def _use_detectron2_comm() -> None:
+    """With the Detectron2 backend, processes are started by its ``launch``, which keeps
+    the per-machine process group in ``detectron2.utils.comm``: use its functions."""
+    from ..backend import use_detectron2
+
+    if not use_detectron2():
+        return
+    from detectron2.utils import comm as d2
+
+    g = globals()
+    for name in ("get_world_size", "get_rank", "get_local_rank", "get_local_size", "is_main_process",
+                 "synchronize", "all_gather", "create_local_process_group"):
+        g[name] = getattr(d2, name)
+
+
+_use_detectron2_comm()

@@ -1,0 +1,139 @@
+"""The Detectron2 backend. Skipped, with the reason, where Detectron2 is not installed."""
+import os
+
+import pytest
+import torch
+
+from scrl_d2.backend import detectron2_available
+
+pytestmark = pytest.mark.skipif(
+    not detectron2_available(),
+    reason="Detectron2 is not installed (it is on no package registry; see README 'Detectron2 backend')",
+)
+
+from conftest import ROOT, tiny_cfg, tiny_opts  # noqa: E402
+from test_engine import assert_same_weights, model_state, run_cli  # noqa: E402
+
+PRETRAIN_CONFIGS = ["scrl_pretrain.yaml", "scrl_pretrain_1000ep.yaml", "byol_pretrain.yaml", "byol_pretrain_1000ep.yaml"]
+
+
+def _cfg(monkeypatch, backend, arch="SCRL", **over):
+    monkeypatch.setenv("SCRL_D2_BACKEND", backend)
+    cfg = tiny_cfg("unused", arch)
+    for k, v in over.items():
+        cfg.merge_from_list([k, v])
+    return cfg
+
+
+def _build(monkeypatch, backend, cfg):
+    from scrl_d2.modeling import build_model
+
+    monkeypatch.setenv("SCRL_D2_BACKEND", backend)
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+@pytest.mark.parametrize("name", PRETRAIN_CONFIGS)
+def test_registered_and_built_by_detectron2_build_model(monkeypatch, name):
+    monkeypatch.setenv("SCRL_D2_BACKEND", "detectron2")
+    import detectron2.modeling as d2m
+
+    import scrl_d2
+    from scrl_d2.config import get_cfg
+
+    assert scrl_d2.register_detectron2() and "SCRL" in d2m.META_ARCH_REGISTRY and "BYOL" in d2m.META_ARCH_REGISTRY
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(ROOT, "configs", name))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.BYOL.PROJECTOR_HIDDEN_DIM", "16",
+                         "MODEL.BYOL.PREDICTOR_HIDDEN_DIM", "16"])
+    assert "DEFORM_ON_PER_STAGE" in cfg.MODEL.RESNETS  # Detectron2's keys underneath ours
+    model = d2m.build_model(cfg)
+    assert type(model).__name__ == cfg.MODEL.META_ARCHITECTURE
+    assert type(model.backbone).__module__.startswith("detectron2.modeling.backbone")
+    assert model.backbone.output_shape()["res5"].stride == 32 and model.backbone.output_shape()["res5"].channels == 2048
+    if name.startswith("scrl"):
+        assert type(model.pooler.d2_roi_align).__module__.startswith("detectron2.layers")
+
+
+def test_add_scrl_config_on_detectron2_get_cfg():
+    from detectron2.config import get_cfg as d2_get_cfg
+
+    from scrl_d2.config import add_scrl_config
+
+    cfg = d2_get_cfg()
+    add_scrl_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "byol_pretrain.yaml"))
+    assert cfg.MODEL.META_ARCHITECTURE == "BYOL" and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
+    assert cfg.MODEL.RESNETS.OUT_FEATURES == ["res5"] and cfg.MODEL.BACKBONE.FREEZE_AT == 0
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_same_weights_give_same_res5_on_both_backends(monkeypatch, depth):
+    over = {"MODEL.RESNETS.DEPTH": str(depth), "MODEL.RESNETS.RES2_OUT_CHANNELS": "64" if depth < 50 else "256"}
+    tv = _build(monkeypatch, "torchvision", _cfg(monkeypatch, "torchvision", **over)).eval()
+    d2 = _build(monkeypatch, "detectron2", _cfg(monkeypatch, "detectron2", **over)).eval()
+    assert type(d2.backbone).__module__ != type(tv.backbone).__module__
+    d2.load_state_dict(tv.state_dict(), strict=True)
+    x = torch.randn(2, 3, 96, 96)
+    torch.testing.assert_close(d2.backbone(x)["res5"], tv.backbone(x)["res5"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["SCRL", "BYOL"])
+def test_same_batch_gives_same_loss_on_both_backends(monkeypatch, arch):
+    from test_model import _batch
+
+    tv = _build(monkeypatch, "torchvision", _cfg(monkeypatch, "torchvision", arch))
+    d2 = _build(monkeypatch, "detectron2", _cfg(monkeypatch, "detectron2", arch))
+    d2.load_state_dict(tv.state_dict(), strict=True)
+    cfg = _cfg(monkeypatch, "torchvision", arch)
+    batch = _batch(cfg, B=6)
+    lt, ld = tv.train()(batch)["loss"], d2.train()(batch)["loss"]
+    assert lt.item() > 0
+    torch.testing.assert_close(ld, lt, atol=1e-5, rtol=1e-5)
+    ld.backward()
+    lt.backward()
+    g_tv = dict(tv.named_parameters())
+    for n, p in d2.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, g_tv[n].grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_syncbn_on_one_process_behaves_as_bn(monkeypatch):
+    from test_model import _batch
+
+    over = {"MODEL.RESNETS.NORM": "SyncBN", "MODEL.BYOL.HEAD_NORM": "SyncBN"}
+    sync = _build(monkeypatch, "detectron2", _cfg(monkeypatch, "detectron2", **over))
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in sync.backbone.modules())
+    assert isinstance(sync.projector.net[1], torch.nn.SyncBatchNorm)
+    bn = _build(monkeypatch, "detectron2", _cfg(monkeypatch, "detectron2"))
+    bn.load_state_dict(sync.state_dict(), strict=True)
+    batch = _batch(_cfg(monkeypatch, "detectron2"), B=4)
+    torch.testing.assert_close(sync.train()(batch)["loss"], bn.train()(batch)["loss"])
+
+
+@pytest.mark.parametrize("arch", ["SCRL", "BYOL"])
+def test_train_net_runs_through_detectron2_and_says_so(tmp_path, image_folder, arch):
+    out = str(tmp_path / "d2")
+    r = run_cli(*tiny_opts(f"classes:{image_folder}", out, arch), "SOLVER.MAX_ITER", "3",
+                env_extra={"SCRL_D2_BACKEND": "detectron2"})
+    assert "with the detectron2 backend" in r.stdout and "detectron2.modeling.backbone.resnet.ResNet" in r.stdout
+    assert os.path.exists(os.path.join(out, "checkpoint_0_iter3.pth"))
+
+
+def test_two_processes_launch_through_detectron2(tmp_path, image_folder):
+    out = str(tmp_path / "ddp")
+    r = run_cli("--num-gpus", "2", *tiny_opts(f"classes:{image_folder}", out), "SOLVER.IMS_PER_GPU", "4",
+                "SOLVER.MAX_ITER", "3", env_extra={"SCRL_D2_BACKEND": "detectron2"})
+    assert "detectron2.engine.launch" in r.stdout and "weights identical on all 2 processes" in r.stdout
+
+
+@pytest.mark.parametrize("first,second", [("torchvision", "detectron2"), ("detectron2", "torchvision")])
+def test_checkpoint_of_one_backend_resumes_on_the_other(tmp_path, image_folder, first, second):
+    data = f"classes:{image_folder}"
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    run_cli(*tiny_opts(data, straight), env_extra={"SCRL_D2_BACKEND": first})
+    run_cli(*tiny_opts(data, split), "SOLVER.MAX_ITER", "6", env_extra={"SCRL_D2_BACKEND": first})
+    r = run_cli(*tiny_opts(data, split), env_extra={"SCRL_D2_BACKEND": second})
+    assert f"with the {second} backend" in r.stdout and "resumed at epoch 1, iteration 6" in r.stdout
+    assert_same_weights(model_state(os.path.join(straight, "checkpoint_2.pth")),
+                        model_state(os.path.join(split, "checkpoint_2.pth")), atol=1e-4)
