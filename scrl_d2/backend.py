@@ -7,6 +7,7 @@ in one environment; ``auto`` (default) uses Detectron2 whenever it imports.
 import functools
 import importlib.util
 import os
+import warnings
 
 __all__ = ["detectron2_available", "use_detectron2", "backend_name"]
 
@@ -16,8 +17,10 @@ def detectron2_available() -> bool:
     if importlib.util.find_spec("detectron2") is None:
         return False
     try:
-        import detectron2.layers  # noqa: F401  (its C++ ops must load)
-        import detectron2.modeling  # noqa: F401
+        with warnings.catch_warnings():  # its import-time torch.jit.script deprecation notices
+            warnings.simplefilter("ignore", FutureWarning)
+            import detectron2.layers  # noqa: F401  (its C++ ops must load)
+            import detectron2.modeling  # noqa: F401
     except Exception:  # an installed but broken build: use the torchvision path
         return False
     return True

@@ -11,9 +11,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..backend import backend_name
-from ..checkpoint import Checkpointer, load_checkpoint_file
+from ..checkpoint import Checkpointer, LayoutError, extract_encoder, load_checkpoint_file
 from ..data import build_eval_loader, build_pretrain_loader
-from ..modeling import build_model, torchvision_to_d2
+from ..modeling import build_model
 from ..solver import build_lr_scheduler, build_momentum_scheduler, build_optimizer, scaled_lr
 from ..utils import comm
 from .defaults import resolve_device
@@ -167,14 +167,14 @@ class PretrainTrainer:
             logger.info(f"resumed at epoch {self.epoch}, iteration {self.iter}")
             return True
         if cfg.MODEL.WEIGHTS:
-            state = load_checkpoint_file(cfg.MODEL.WEIGHTS)
-            state = state.get("model", state.get("state_dict", state))
-            enc = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")} or \
-                  {torchvision_to_d2(k): v for k, v in state.items() if not k.startswith("fc.")}
+            try:
+                layout, enc, _ = extract_encoder(load_checkpoint_file(cfg.MODEL.WEIGHTS))
+            except LayoutError as e:
+                raise ValueError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: {e}") from e
             result = self.model.backbone.load_state_dict(enc, strict=False)
             if result.missing_keys:
-                raise ValueError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: encoder keys missing, e.g. "
-                                 f"{result.missing_keys[:5]}")
+                raise ValueError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} ({layout} layout): encoder keys missing, "
+                                 f"e.g. {result.missing_keys[:5]}")
             logger.info(f"initialised the online encoder from {cfg.MODEL.WEIGHTS}")
         return False
 

@@ -4,9 +4,8 @@ Parameter names are Detectron2's (``stem.conv1.weight``, ``res2.0.conv1.norm.wei
 ``res2.0.shortcut.weight`` ...), so a checkpoint moves between this backbone and
 Detectron2's ``build_resnet_backbone`` untouched, and ``tools/convert.py`` has one
 target layout. With ``STRIDE_IN_1X1: False`` the network is exactly torchvision's
-ResNet v1.5 (``torchvision_to_d2`` maps its state dict).
+ResNet v1.5 (``scrl_d2.checkpoint.layouts`` maps its state dict).
 """
-import re
 from typing import Dict, List
 
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 
 from .layers import Conv2d, ShapeSpec, get_norm
 
-__all__ = ["BACKBONE_REGISTRY", "build_backbone", "ResNet", "build_resnet_backbone", "torchvision_to_d2"]
+__all__ = ["BACKBONE_REGISTRY", "build_backbone", "ResNet", "build_resnet_backbone"]
 
 BACKBONE_REGISTRY = Registry("BACKBONE")
 BACKBONE_REGISTRY.__doc__ = "Encoders: fn(cfg) -> nn.Module returning {name: feature} with output_shape()."
@@ -180,14 +179,3 @@ def build_backbone(cfg) -> nn.Module:
                        f"{sorted(k for k, _ in BACKBONE_REGISTRY)}") from e
     return fn(cfg)
 
-
-def torchvision_to_d2(name: str) -> str:
-    """Rename one torchvision ResNet key to Detectron2's (``layer1.0.bn1.weight`` ->
-    ``res2.0.conv1.norm.weight``). The single place where the two namings meet."""
-    name = re.sub(r"^conv1\.", "stem.conv1.", name)
-    name = re.sub(r"^bn1\.", "stem.conv1.norm.", name)
-    name = re.sub(r"^layer(\d)\.", lambda m: f"res{int(m.group(1)) + 1}.", name)
-    name = re.sub(r"\.downsample\.0\.", ".shortcut.", name)
-    name = re.sub(r"\.downsample\.1\.", ".shortcut.norm.", name)
-    name = re.sub(r"\.bn(\d)\.", r".conv\1.norm.", name)
-    return name
