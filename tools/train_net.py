@@ -1,14 +1,23 @@
 #!/usr/bin/env python
-"""SCRL / BYOL pretraining, Detectron2-style command line.
+"""SCRL / BYOL pretraining and detection fine-tuning, Detectron2-style command line.
 
     python tools/train_net.py --config-file configs/scrl_pretrain.yaml --num-gpus 8
     python tools/train_net.py --config-file configs/demo/scrl_demo.yaml   # built-in data, CPU ok
+    python tools/train_net.py --config-file configs/coco/faster_rcnn_R_50_FPN_1x_syncbn.yaml \
+        --num-gpus 8 MODEL.WEIGHTS scrl_r50.pkl                            # fine-tune + COCO AP
+
+A config whose MODEL.META_ARCHITECTURE is "GeneralizedRCNN" fine-tunes a detector
+(Detectron2's trainer and COCOEvaluator when installed, else torchvision's Faster/Mask
+R-CNN); SCRL / BYOL configs pretrain.
 """
 import logging
 import sys
 
 from scrl_d2.config import ConfigError, get_cfg
+from scrl_d2.detection import is_detection_config, run_finetune
+from scrl_d2.detection.coco_eval import print_results
 from scrl_d2.engine import PretrainTrainer, default_argument_parser, default_setup, launch
+from scrl_d2.utils import comm
 
 
 def setup(args):
@@ -23,6 +32,11 @@ def setup(args):
 
 def main(args) -> None:
     cfg = setup(args)
+    if is_detection_config(cfg):  # fine-tuning a detector (Detectron2's trainer when installed)
+        results = run_finetune(cfg, resume=args.resume, eval_only=args.eval_only)
+        if comm.is_main_process():
+            print_results(results)
+        return
     trainer = PretrainTrainer(cfg)
     resumed = trainer.resume_or_load(resume=True)
     if args.eval_only:

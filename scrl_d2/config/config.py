@@ -94,6 +94,9 @@ def get_cfg() -> CfgNode:
 
     ours = CfgNode(_C.clone())
     if not use_detectron2():
+        from .detection_defaults import detection_defaults
+
+        _add_missing(ours, detection_defaults())
         return ours
     from detectron2.config import get_cfg as d2_get_cfg
 

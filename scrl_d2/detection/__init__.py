@@ -1,0 +1,31 @@
+"""Detection fine-tuning: Detectron2's trainer when installed, else torchvision's models."""
+from typing import Dict
+
+from ..backend import use_detectron2
+from . import datasets  # noqa: F401  (registers the COCO-format datasets)
+from .datasets import get_coco_json, register_coco_json
+from .synthetic import ensure_synthetic_detection
+
+__all__ = ["is_detection_config", "run_finetune", "register_coco_json", "get_coco_json", "ensure_synthetic_detection"]
+
+
+def is_detection_config(cfg) -> bool:
+    return cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
+
+
+def run_finetune(cfg, resume: bool = False, eval_only: bool = False) -> Dict:
+    """Train (or only evaluate) a detector; returns the COCO results of DATASETS.TEST."""
+    if use_detectron2():
+        from .d2_finetune import run_detectron2
+
+        return run_detectron2(cfg, resume, eval_only)
+    from .torchvision_finetune import TorchvisionDetectionTrainer
+
+    trainer = TorchvisionDetectionTrainer(cfg)
+    if eval_only:
+        if not cfg.MODEL.WEIGHTS and not trainer.checkpointer.has_checkpoint():
+            raise FileNotFoundError("--eval-only: set MODEL.WEIGHTS to a fine-tuned detector (or OUTPUT_DIR to a run)")
+        trainer.resume_or_load(resume=resume or not cfg.MODEL.WEIGHTS)
+        return trainer.evaluate(tag="eval-only")
+    trainer.resume_or_load(resume=resume)
+    return trainer.train()

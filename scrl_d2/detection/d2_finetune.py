@@ -1,0 +1,62 @@
+"""Fine-tuning and evaluation with Detectron2's own trainer and COCOEvaluator."""
+import json
+import logging
+import os
+from typing import Dict
+
+import torch
+
+from ..checkpoint import atomic_write
+from ..utils import comm
+
+__all__ = ["run_detectron2"]
+
+logger = logging.getLogger("scrl_d2.detection")
+
+
+def _trainer_class():
+    from detectron2.engine import DefaultTrainer
+    from detectron2.evaluation import COCOEvaluator
+
+    class Trainer(DefaultTrainer):
+        @classmethod
+        def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+            return COCOEvaluator(dataset_name, output_dir=output_folder or
+                                 os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name))
+
+    return Trainer
+
+
+def run_detectron2(cfg, resume: bool, eval_only: bool) -> Dict:
+    """Detectron2's ``tools/train_net.py`` logic; writes ``OUTPUT_DIR/results.json``."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from .datasets import get_coco_json
+
+    for name in tuple(cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST):
+        get_coco_json(name)  # a missing file fails here, naming it
+    if cfg.MODEL.WEIGHTS and not cfg.MODEL.WEIGHTS.startswith(("detectron2://", "http")) \
+            and not os.path.isfile(cfg.MODEL.WEIGHTS):
+        raise FileNotFoundError(f"MODEL.WEIGHTS: file not found: {cfg.MODEL.WEIGHTS}")
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but no GPU is visible: running on the CPU")
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.DEVICE = "cpu"
+        cfg.freeze()
+    Trainer = _trainer_class()
+    logger.info("fine-tuning with Detectron2's DefaultTrainer and COCOEvaluator")
+    if eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+        results = Trainer.test(cfg, model)
+    else:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=resume)
+        trainer.train()
+        results = getattr(trainer, "_last_eval_results", None)  # set by its final evaluation hook
+    results = {k: dict(v) for k, v in (results or {}).items()}
+    if comm.is_main_process() and results:
+        atomic_write(os.path.join(cfg.OUTPUT_DIR, "results.json"), lambda f: f.write(json.dumps(results, indent=1)),
+                     mode="w")
+    return results

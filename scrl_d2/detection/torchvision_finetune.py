@@ -1,0 +1,233 @@
+"""Fine-tuning and evaluation on COCO-format data without Detectron2: torchvision's
+Faster / Mask R-CNN FPN, iteration-based SGD with linear warm-up and step decay,
+multi-process, mixed precision, checkpoints and resume, periodic and final COCO AP."""
+import contextlib
+import json
+import logging
+import os
+import time
+from typing import Dict, Iterator, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..checkpoint import Checkpointer, atomic_write
+from ..engine.defaults import resolve_device
+from ..engine.trainer import amp_dtype
+from ..utils import comm
+from .coco_data import CocoDetectionDataset, collate
+from .coco_eval import evaluate_predictions, predictions_to_coco
+from .torchvision_model import build_torchvision_detector, load_detector_weights
+
+__all__ = ["TorchvisionDetectionTrainer", "lr_at"]
+
+logger = logging.getLogger("scrl_d2.detection")
+
+
+def lr_at(cfg, it: int) -> float:
+    """Detectron2's WarmupMultiStepLR: linear warm-up from WARMUP_FACTOR, x GAMMA at each STEP."""
+    s = cfg.SOLVER
+    factor = s.GAMMA ** sum(1 for step in s.STEPS if it >= step)
+    if it < s.WARMUP_ITERS:
+        alpha = it / s.WARMUP_ITERS
+        factor *= s.WARMUP_FACTOR * (1 - alpha) + alpha
+    return s.BASE_LR * factor
+
+
+class _Infinite(torch.utils.data.Sampler):
+    """An endless, shuffled, per-process stream of indices, reproducible from (seed, start)."""
+
+    def __init__(self, size: int, seed: int, start: int = 0):
+        self.size, self.seed, self.start = size, seed, start
+        self.rank, self.world = comm.get_rank(), comm.get_world_size()
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.start)
+        while True:
+            yield from torch.randperm(self.size, generator=g)[self.rank::self.world].tolist()
+
+
+class TorchvisionDetectionTrainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.device = resolve_device(cfg)
+        self.world = comm.get_world_size()
+        model = build_torchvision_detector(cfg)
+        if any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()) and self.world > 1 \
+                and self.device.type == "cpu":
+            raise ValueError("SyncBN needs GPUs with several processes; use 'BN' for multi-process CPU runs")
+        self.model = model.to(self.device)
+        params = {"default": [], "norm": []}
+        norm_types = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm)
+        for m in model.modules():
+            for _, p in m.named_parameters(recurse=False):
+                if p.requires_grad:
+                    params["norm" if isinstance(m, norm_types) else "default"].append(p)
+        s = cfg.SOLVER
+        self.optimizer = torch.optim.SGD(
+            [{"params": params["default"]}, {"params": params["norm"], "weight_decay": s.WEIGHT_DECAY_NORM}],
+            lr=s.BASE_LR, momentum=s.MOMENTUM, weight_decay=s.WEIGHT_DECAY, nesterov=s.NESTEROV)
+        self.dtype = amp_dtype(cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.dtype == torch.float16 and self.device.type == "cuda")
+        self.ddp = (DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                            else None) if self.world > 1 else model)
+        self.checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(),
+                                         optimizer=self.optimizer, scaler=self.scaler)
+        self.start_iter = 0
+        if s.IMS_PER_BATCH % self.world:
+            raise ValueError(f"SOLVER.IMS_PER_BATCH {s.IMS_PER_BATCH} is not divisible by {self.world} processes")
+        logger.info(f"fine-tuning with the torchvision path (no Detectron2): "
+                    f"{type(model).__name__}, ResNet-{cfg.MODEL.RESNETS.DEPTH}-FPN, norm {cfg.MODEL.RESNETS.NORM}, "
+                    f"{self.world} process(es) on {self.device}, mixed precision {self.dtype or 'off'}")
+
+    # ------------------------------------------------------------------ weights
+    def resume_or_load(self, resume: bool) -> None:
+        if resume and self.checkpointer.has_checkpoint():
+            path = self.checkpointer.get_checkpoint_file()
+            extra = self.checkpointer.load(path)
+            self.start_iter = int(extra.get("iteration", -1)) + 1
+            logger.info(f"resumed from {path} at iteration {self.start_iter}")
+        elif self.cfg.MODEL.WEIGHTS:
+            what = load_detector_weights(self.model, self.cfg.MODEL.WEIGHTS)
+            logger.info(f"initialised {what} from {self.cfg.MODEL.WEIGHTS}")
+        else:
+            logger.warning("MODEL.WEIGHTS is empty: training from random initialisation")
+
+    # ------------------------------------------------------------------ data
+    def _loader(self, name: str, train: bool):
+        cfg = self.cfg
+        ds = CocoDetectionDataset(name, train=train, with_masks=cfg.MODEL.MASK_ON,
+                                  flip=cfg.INPUT.RANDOM_FLIP != "none",
+                                  filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        workers = cfg.DATALOADER.NUM_WORKERS
+        if train:
+            sampler = _Infinite(len(ds), cfg.SEED if cfg.SEED >= 0 else 0, self.start_iter)
+            return ds, torch.utils.data.DataLoader(ds, batch_size=cfg.SOLVER.IMS_PER_BATCH // self.world,
+                                                   sampler=sampler, num_workers=workers, collate_fn=collate,
+                                                   pin_memory=self.device.type == "cuda")
+        shard = list(range(comm.get_rank(), len(ds), self.world))
+        return ds, torch.utils.data.DataLoader(torch.utils.data.Subset(ds, shard), batch_size=1, shuffle=False,
+                                               num_workers=workers, collate_fn=collate)
+
+    def _autocast(self):
+        return (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None
+                else contextlib.nullcontext())
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> Dict:
+        cfg = self.cfg
+        max_iter = cfg.SOLVER.MAX_ITER
+        if max_iter <= 0:
+            raise ValueError("SOLVER.MAX_ITER must be > 0 for detection fine-tuning")
+        if len(cfg.DATASETS.TRAIN) != 1:
+            raise ValueError(f"DATASETS.TRAIN: the torchvision path trains on one dataset, got {cfg.DATASETS.TRAIN}")
+        _, loader = self._loader(cfg.DATASETS.TRAIN[0], train=True)
+        data = iter(loader)
+        metrics_path = os.path.join(cfg.OUTPUT_DIR, "metrics.json")
+        log = open(metrics_path, "a") if comm.is_main_process() else None
+        logger.info(f"starting training from iteration {self.start_iter} to {max_iter}")
+        results: Dict = {}
+        window, t0 = [], time.perf_counter()
+        for it in range(self.start_iter, max_iter):
+            lr = lr_at(cfg, it)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            images, targets = next(data)
+            images = [im.to(self.device, non_blocking=True).float() / 255.0 for im in images]
+            targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+            self.ddp.train()
+            with self._autocast():
+                losses = self.ddp(images, targets)
+            total = sum(losses.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            window.append({k: v.detach() for k, v in losses.items()})
+            done = it + 1
+            if done % 20 == 0 or done == max_iter or done == self.start_iter + 1:
+                vals = {k: float(torch.stack([w[k] for w in window]).mean()) for k in window[0]}
+                vals["total_loss"] = sum(vals.values())
+                dt = (time.perf_counter() - t0) / len(window)
+                if not all(map(lambda v: v == v and abs(v) != float("inf"), vals.values())):
+                    raise FloatingPointError(f"loss became non-finite at iteration {done}: {vals}")
+                logger.info(f"iter {done}/{max_iter}  " + "  ".join(f"{k}: {v:.4f}" for k, v in vals.items())
+                            + f"  lr: {lr:.5g}  time: {dt:.3f}s")
+                if log:
+                    log.write(json.dumps({"iteration": done, **vals, "lr": lr, "time": dt}) + "\n")
+                    log.flush()
+                window, t0 = [], time.perf_counter()
+            if done % cfg.SOLVER.CHECKPOINT_PERIOD == 0 and done != max_iter:
+                self.checkpointer.save(f"model_{done - 1:07d}", iteration=it)
+            if cfg.TEST.EVAL_PERIOD > 0 and done % cfg.TEST.EVAL_PERIOD == 0 and done != max_iter:
+                results = self.evaluate(tag=f"iter{done}")
+        self.checkpointer.save("model_final", iteration=max_iter - 1)
+        results = self.evaluate(tag="final")
+        if log:
+            log.close()
+        return results
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def _precise_bn(self) -> None:
+        from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats
+
+        if not self.cfg.TEST.PRECISE_BN.ENABLED or not get_bn_modules(self.model):
+            return
+        _, loader = self._loader(self.cfg.DATASETS.TRAIN[0], train=True)
+        model = self.model
+
+        class _Wrap(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.m = model
+
+            def forward(self, batch):
+                images, targets = batch
+                dev = next(model.parameters()).device
+                return self.m([im.to(dev).float() / 255.0 for im in images],
+                              [{k: v.to(dev) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets])
+
+        with torch.enable_grad():
+            update_bn_stats(_Wrap().train(), iter(loader), self.cfg.TEST.PRECISE_BN.NUM_ITER)
+        logger.info(f"precise BN: statistics recomputed over {self.cfg.TEST.PRECISE_BN.NUM_ITER} batches")
+
+    @torch.no_grad()
+    def evaluate(self, tag: str = "eval") -> Dict:
+        cfg = self.cfg
+        self._precise_bn()
+        model = self.model
+        model.eval()
+        train_sizes = (model.transform.min_size, model.transform.max_size)
+        model.transform.min_size, model.transform.max_size = (cfg.INPUT.MIN_SIZE_TEST,), cfg.INPUT.MAX_SIZE_TEST
+        all_results: Dict = {}
+        try:
+            for name in cfg.DATASETS.TEST:
+                ds, loader = self._loader(name, train=False)
+                preds = []
+                for images, targets in loader:
+                    images = [im.to(self.device).float() / 255.0 for im in images]
+                    with self._autocast():
+                        outputs = model(images)
+                    preds += predictions_to_coco(outputs, [t["image_id"] for t in targets],
+                                                 {v: k for k, v in ds.cat_to_label.items()})
+                preds = [p for part in comm.all_gather(preds) for p in part]
+                if comm.is_main_process():
+                    out_dir = os.path.join(cfg.OUTPUT_DIR, "inference", name)
+                    os.makedirs(out_dir, exist_ok=True)
+                    iou_types = ["bbox", "segm"] if cfg.MODEL.MASK_ON else ["bbox"]
+                    res = evaluate_predictions(ds.coco, preds, iou_types, ds.class_names, out_dir)
+                    all_results[name] = res
+                    for t, r in res.items():
+                        logger.info(f"{name} {t} ({tag}): " + "  ".join(f"{m}: {r[m]:.2f}" for m in
+                                                                     ("AP", "AP50", "AP75", "APs", "APm", "APl")))
+            all_results = comm.broadcast_object(all_results)
+        finally:
+            model.transform.min_size, model.transform.max_size = train_sizes
+            model.train()
+        flat = all_results[cfg.DATASETS.TEST[0]] if len(cfg.DATASETS.TEST) == 1 else all_results
+        if comm.is_main_process() and flat:
+            atomic_write(os.path.join(cfg.OUTPUT_DIR, "results.json"), lambda f: f.write(json.dumps(flat, indent=1)),
+                         mode="w")
+        return flat

@@ -1,0 +1,134 @@
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import ROOT
+from scrl_d2.backend import detectron2_available
+from test_convert import ours_checkpoint, tv_resnet
+from test_engine import run_cli
+
+DEMO = os.path.join(ROOT, "configs", "demo", "faster_rcnn_demo.yaml")
+MASK_DEMO = os.path.join(ROOT, "configs", "demo", "mask_rcnn_demo.yaml")
+FAST = ["SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", "128",
+        "TEST.PRECISE_BN.NUM_ITER", "2", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "DATALOADER.NUM_WORKERS", "0",
+        "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS", "(100,)"]
+needs_d2 = pytest.mark.skipif(not detectron2_available(),
+                              reason="Detectron2 is not installed (see README 'Detectron2 backend')")
+
+
+@pytest.fixture(scope="module")
+def datasets_env(tmp_path_factory):
+    return {"SCRL_DATASETS": str(tmp_path_factory.mktemp("det_data"))}
+
+
+@pytest.fixture(scope="module")
+def r18_weights(tmp_path_factory):
+    d = tmp_path_factory.mktemp("w")
+    torch.save(ours_checkpoint(tv_resnet(18)), d / "pretrain.pth")
+    from scrl_d2.checkpoint.convert import convert_checkpoint
+
+    convert_checkpoint(str(d / "pretrain.pth"), str(d / "r18.pkl"))
+    return str(d / "r18.pkl")
+
+
+def _finite(results, tasks):
+    for t in tasks:
+        for m in ("AP", "AP50", "AP75"):
+            assert math.isfinite(results[t][m]), (t, m, results[t])
+
+
+@pytest.mark.parametrize("backend", ["torchvision", pytest.param("detectron2", marks=needs_d2)])
+def test_faster_rcnn_finetunes_evaluates_and_resumes(tmp_path, datasets_env, r18_weights, backend):
+    env = {**datasets_env, "SCRL_D2_BACKEND": backend}
+    out = str(tmp_path / "ft")
+    r = run_cli("--config-file", DEMO, "OUTPUT_DIR", out, "MODEL.WEIGHTS", r18_weights, "SOLVER.MAX_ITER", "2",
+                *FAST, env_extra=env)
+    assert ("torchvision path" if backend == "torchvision" else "Detectron2's DefaultTrainer") in r.stdout
+    results = json.load(open(os.path.join(out, "results.json")))
+    _finite(results, ["bbox"])
+    assert os.path.exists(os.path.join(out, "model_final.pth"))
+    r = run_cli("--config-file", DEMO, "--resume", "OUTPUT_DIR", out, "MODEL.WEIGHTS", r18_weights,
+                "SOLVER.MAX_ITER", "4", *FAST, env_extra=env)
+    assert ("resumed from" in r.stdout and "iteration 2" in r.stdout) or "Starting training from iteration 2" in r.stdout
+    lines = [json.loads(x) for x in open(os.path.join(out, "metrics.json")) if '"iteration"' in x]
+    assert max(x["iteration"] for x in lines) >= 4 - (backend == "detectron2")
+
+
+def test_mask_rcnn_gives_box_and_mask_ap_on_the_torchvision_path(tmp_path, datasets_env, r18_weights):
+    out = str(tmp_path / "mask")
+    run_cli("--config-file", MASK_DEMO, "OUTPUT_DIR", out, "MODEL.WEIGHTS", r18_weights, "SOLVER.MAX_ITER", "2",
+            *FAST, env_extra={**datasets_env, "SCRL_D2_BACKEND": "torchvision"})
+    _finite(json.load(open(os.path.join(out, "results.json"))), ["bbox", "segm"])
+
+
+@pytest.mark.parametrize("backend", ["torchvision", pytest.param("detectron2", marks=needs_d2)])
+def test_missing_weights_or_dataset_is_named(tmp_path, datasets_env, backend):
+    env = {**datasets_env, "SCRL_D2_BACKEND": backend}
+    r = run_cli("--config-file", DEMO, "OUTPUT_DIR", str(tmp_path / "a"), "MODEL.WEIGHTS", "/no/such/weights.pkl",
+                *FAST, env_extra=env, check=False)
+    assert r.returncode != 0 and "/no/such/weights.pkl" in r.stderr
+    r = run_cli("--config-file", DEMO, "OUTPUT_DIR", str(tmp_path / "b"), "DATASETS.ROOT", str(tmp_path / "empty"),
+                "DATASETS.TRAIN", "('coco_2017_train',)", *FAST, env_extra=env, check=False)
+    assert r.returncode != 0 and "instances_train2017.json" in r.stderr
+
+
+@needs_d2
+@pytest.mark.parametrize("config", ["faster_rcnn_R_50_FPN_1x_syncbn.yaml", "mask_rcnn_R_50_FPN_1x_syncbn.yaml"])
+def test_detection_checkpointer_loads_the_pkl_into_rcnn_fpn(tmp_path, monkeypatch, config):
+    monkeypatch.setenv("SCRL_D2_BACKEND", "detectron2")
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from scrl_d2.checkpoint.convert import convert_checkpoint
+    from scrl_d2.checkpoint.layouts import torchvision_to_d2
+    from scrl_d2.config import get_cfg
+    from scrl_d2.modeling import ResNet
+
+    tv = tv_resnet(50)
+    torch.save(ours_checkpoint(tv), tmp_path / "p.pth")
+    convert_checkpoint(str(tmp_path / "p.pth"), str(tmp_path / "r50.pkl"))
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "coco", config))
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg).eval()
+    ck = DetectionCheckpointer(model)
+    incompatible = ck._load_model(ck._load_file(str(tmp_path / "r50.pkl")))
+    assert not [k for k in incompatible.missing_keys if k.startswith("backbone.bottom_up.")]
+    assert not incompatible.unexpected_keys and not incompatible.incorrect_shapes
+    ours = ResNet(depth=50).eval()
+    ours.load_state_dict({torchvision_to_d2(k): v for k, v in tv.state_dict().items() if not k.startswith("fc.")})
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(model.backbone.bottom_up(x)["res5"], ours(x)["res5"], atol=1e-4, rtol=1e-4)
+
+
+def test_eval_only_and_two_processes_on_the_torchvision_path(tmp_path, datasets_env, r18_weights):
+    env = {**datasets_env, "SCRL_D2_BACKEND": "torchvision"}
+    bn = ["MODEL.RESNETS.NORM", "BN", "MODEL.FPN.NORM", "BN", "MODEL.ROI_BOX_HEAD.NORM", "BN"]
+    out = str(tmp_path / "ddp")
+    r = run_cli("--num-gpus", "2", "--config-file", DEMO, "OUTPUT_DIR", out, "MODEL.WEIGHTS", r18_weights,
+                "SOLVER.MAX_ITER", "2", *FAST, *bn, env_extra=env)
+    assert "2 process(es)" in r.stdout
+    _finite(json.load(open(os.path.join(out, "results.json"))), ["bbox"])
+    ev = str(tmp_path / "ev")
+    r = run_cli("--eval-only", "--config-file", DEMO, "OUTPUT_DIR", ev, "MODEL.WEIGHTS",
+                os.path.join(out, "model_final.pth"), *FAST, *bn, env_extra=env)
+    assert "initialised a whole detector" in r.stdout
+    _finite(json.load(open(os.path.join(ev, "results.json"))), ["bbox"])
+
+
+def test_newcomer_pipeline_command(tmp_path, datasets_env):
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "pipe")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "demo_pipeline.py"), "--output-dir", out,
+                        "--pretrain-iters", "2", "SOLVER.MAX_ITER", "2", *FAST], capture_output=True, text=True,
+                       env={**os.environ, **datasets_env}, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| bbox" in r.stdout and "COCO AP" in r.stdout
+    results = json.load(open(os.path.join(out, "results.json")))
+    _finite(results, ["bbox"])
+    assert set(results["bbox"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
