@@ -132,3 +132,20 @@ def test_newcomer_pipeline_command(tmp_path, datasets_env):
     results = json.load(open(os.path.join(out, "results.json")))
     _finite(results, ["bbox"])
     assert set(results["bbox"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+
+
+@needs_d2
+def test_coco_protocol_config_runs_on_the_synthetic_data_with_detectron2(tmp_path, datasets_env):
+    """The documented command for the paper's Faster R-CNN row, on the data we have here."""
+    from scrl_d2.checkpoint.convert import convert_checkpoint
+
+    torch.save(ours_checkpoint(tv_resnet(50)), tmp_path / "p.pth")
+    convert_checkpoint(str(tmp_path / "p.pth"), str(tmp_path / "r50.pkl"))
+    out = str(tmp_path / "coco")
+    r = run_cli("--config-file", os.path.join(ROOT, "configs", "coco", "faster_rcnn_R_50_FPN_1x_syncbn.yaml"),
+                "--num-gpus", "1", "MODEL.WEIGHTS", str(tmp_path / "r50.pkl"), "OUTPUT_DIR", out,
+                "DATASETS.TRAIN", "('scrl_demo_det_train',)", "DATASETS.TEST", "('scrl_demo_det_val',)",
+                "MODEL.ROI_HEADS.NUM_CLASSES", "4", "SOLVER.MAX_ITER", "2", *FAST,
+                env_extra={**datasets_env, "SCRL_D2_BACKEND": "detectron2"})
+    assert "Detectron2's DefaultTrainer" in r.stdout
+    _finite(json.load(open(os.path.join(out, "results.json"))), ["bbox"])
