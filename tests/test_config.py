@@ -36,6 +36,17 @@ def test_shipped_pretraining_configs_hold_the_release_values():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
 def test_every_shipped_config_builds_its_model(path):
     cfg = load(path)
+    if cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN":  # a detection fine-tuning config
+        from scrl_d2.backend import use_detectron2
+
+        cfg.MODEL.DEVICE = "cpu"
+        if use_detectron2():
+            from detectron2.modeling import build_model as build_detector
+        else:
+            from scrl_d2.detection.torchvision_model import build_torchvision_detector as build_detector
+        model = build_detector(cfg)
+        assert (getattr(model.roi_heads, "mask_head", None) is not None) == cfg.MODEL.MASK_ON
+        return
     if cfg.MODEL.RESNETS.DEPTH == 50:  # keep it quick: the R50 graph without the 4096-wide heads
         cfg.MODEL.BYOL.PROJECTOR_HIDDEN_DIM = cfg.MODEL.BYOL.PREDICTOR_HIDDEN_DIM = 16
     cfg.MODEL.PROBE.NUM_CLASSES = 5
