@@ -31,6 +31,10 @@ def test_shipped_pretraining_configs_hold_the_release_values():
         assert tuple(c.INPUT.SOLARIZE_PROB) == (0.0, 0.2) and c.INPUT.BLUR_TYPE == "resize"
     c = load(os.path.join(ROOT, "configs", "scrl_pretrain.yaml"))
     assert (c.MODEL.SCRL.NUM_BOXES, c.MODEL.SCRL.MIN_SIZE, c.MODEL.SCRL.IOU_THRESHOLD) == (10, 32, 0.5)
+    for name, lr in (("scrl_pretrain.yaml", 0.2), ("byol_pretrain.yaml", 0.05), ("byol_pretrain_1000ep.yaml", 0.05)):
+        le = load(os.path.join(ROOT, "configs", name)).LINEAR_EVAL  # the release's linear-eval protocol
+        assert (le.ENABLED, le.BASE_LR, le.EPOCHS, le.WARMUP_EPOCHS, le.IMS_PER_GPU, le.OPTIMIZER, le.NESTEROV,
+                le.WEIGHT_DECAY, tuple(le.CROP_SCALE)) == (True, lr, 80, 5, 128, "LARS", True, 0.0, (0.08, 1.0))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))

@@ -89,15 +89,6 @@ def test_bad_config_key_fails_cleanly_from_the_cli(tmp_path):
     assert r.returncode == 2 and "SOLVER.BASE_LRR" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_eval_only_reports_probe_accuracy(tmp_path, image_folder):
-    out = str(tmp_path / "ev")
-    data = f"classes:{image_folder}"
-    opts = tiny_opts(data, out) + ["MODEL.PROBE.ENABLED", "True", "DATASETS.TEST", f"('{data}',)"]
-    run_cli(*opts, "SOLVER.EPOCHS", "1", "SOLVER.WARMUP_EPOCHS", "0")
-    r = run_cli("--eval-only", *opts)
-    assert "online probe top-1" in r.stdout
-
-
 def test_checkpoint_is_never_half_written(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint_1.pth")
     atomic_torch_save({"a": torch.ones(3)}, path)

@@ -17,6 +17,7 @@ from scrl_d2.config import ConfigError, get_cfg
 from scrl_d2.detection import is_detection_config, run_finetune
 from scrl_d2.detection.coco_eval import print_results
 from scrl_d2.engine import PretrainTrainer, default_argument_parser, default_setup, launch
+from scrl_d2.evaluation import Encoder, LinearEvaluator
 from scrl_d2.utils import comm
 
 
@@ -37,17 +38,49 @@ def main(args) -> None:
         if comm.is_main_process():
             print_results(results)
         return
-    trainer = PretrainTrainer(cfg)
-    resumed = trainer.resume_or_load(resume=True)
-    if args.eval_only:
-        if not resumed and not cfg.MODEL.WEIGHTS:
-            raise FileNotFoundError(f"--eval-only: no checkpoint in {cfg.LOAD_DIR or cfg.OUTPUT_DIR} and no MODEL.WEIGHTS")
-        if trainer.model.probe is None or not cfg.DATASETS.TEST:
-            raise ValueError("--eval-only evaluates the online probe: set MODEL.PROBE.ENABLED True and DATASETS.TEST")
-        top1 = trainer.evaluate_probe()
-        logging.getLogger("scrl_d2").info(f"online probe top-1 on {cfg.DATASETS.TEST[0]}: {top1:.2f}%")
+    if args.eval_only:  # the release's "linear evaluation only", from any checkpoint
+        evaluate_checkpoint(cfg)
         return
+    trainer = PretrainTrainer(cfg)
+    trainer.resume_or_load(resume=True)
     trainer.train()
+    if cfg.LINEAR_EVAL.ENABLED:  # the release runs the linear evaluation after pretraining
+        if not cfg.DATASETS.TEST or not _labelled(cfg):
+            logging.getLogger("scrl_d2").info("linear evaluation skipped: it needs labelled DATASETS.TRAIN and TEST")
+            return
+        m = trainer.model
+        encoder = Encoder(m.backbone, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, m.in_feature, m.channels_last)
+        ev = LinearEvaluator(cfg, encoder, trainer.device, trainer.dtype)
+        ev.resume()
+        ev.run()
+
+
+def _labelled(cfg) -> bool:
+    from scrl_d2.data import get_dataset_dicts
+
+    return get_dataset_dicts(cfg.DATASETS.TRAIN)[1] > 0
+
+
+def evaluate_checkpoint(cfg) -> None:
+    """--eval-only: linear evaluation (LINEAR_EVAL.ENABLED) and k-NN (KNN.PERIOD > 0) of
+    MODEL.WEIGHTS or the newest checkpoint of LOAD_DIR / OUTPUT_DIR, in any layout."""
+    from scrl_d2.engine.defaults import resolve_device
+    from scrl_d2.engine.trainer import amp_dtype
+    from scrl_d2.evaluation import encoder_from_checkpoint, find_checkpoint, run_knn
+
+    log = logging.getLogger("scrl_d2")
+    if not cfg.LINEAR_EVAL.ENABLED and cfg.KNN.PERIOD <= 0:
+        raise ValueError("--eval-only: nothing to run; enable LINEAR_EVAL.ENABLED and/or set KNN.PERIOD > 0")
+    device = resolve_device(cfg)
+    encoder = encoder_from_checkpoint(cfg, find_checkpoint(cfg)).to(device)
+    if cfg.KNN.PERIOD > 0:
+        res = run_knn(cfg, encoder, device, amp_dtype(cfg, device))
+        log.info(f"k-NN (k={cfg.KNN.K}, T={cfg.KNN.TEMPERATURE}) top-1 on {cfg.DATASETS.TEST[0]}: "
+                 f"{res['knn/top1']:.2f}%")
+    if cfg.LINEAR_EVAL.ENABLED:
+        ev = LinearEvaluator(cfg, encoder, device, amp_dtype(cfg, device))
+        ev.resume()
+        ev.run()
 
 
 def cli(argv=None) -> None:

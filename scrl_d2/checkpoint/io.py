@@ -88,7 +88,8 @@ class Checkpointer(_base_checkpointer()):
         self.strict = strict
         self.logger = logger
 
-    def save(self, name: str, **kwargs: Any) -> str:
+    def save(self, name: str, tag_last: bool = True, **kwargs: Any) -> str:
+        """Write ``name.pth``; ``tag_last=False`` leaves ``checkpoint_last`` alone (best-so-far files)."""
         if not self.save_dir or not self.save_to_disk:
             return ""
         data = {"model": self.model.state_dict()}
@@ -98,7 +99,8 @@ class Checkpointer(_base_checkpointer()):
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
         atomic_torch_save(data, path)
-        self.tag_last_checkpoint(basename)
+        if tag_last:
+            self.tag_last_checkpoint(basename)
         self.logger.info(f"saved checkpoint {path}")
         return path
 

@@ -158,6 +158,41 @@ _C.TEST.EVAL_PERIOD = 5
 _C.TEST.IMS_PER_GPU = 256
 
 # ---------------------------------------------------------------------------- #
+# Offline linear evaluation (the release's protocol): a linear classifier on the frozen
+# backbone's pooled feature, trained on DATASETS.TRAIN, top-1 on DATASETS.TEST[0].
+# ---------------------------------------------------------------------------- #
+_C.LINEAR_EVAL = CN()
+# Run after pretraining (and with --eval-only).
+_C.LINEAR_EVAL.ENABLED = True
+_C.LINEAR_EVAL.EPOCHS = 80
+_C.LINEAR_EVAL.WARMUP_EPOCHS = 5
+# Scaled by the global batch / 256: 0.2 for SCRL checkpoints, 0.05 for BYOL (release).
+_C.LINEAR_EVAL.BASE_LR = 0.2
+# "LARS" (the release: SGD-nesterov wrapped in LARS, every parameter adapted) or "SGD".
+_C.LINEAR_EVAL.OPTIMIZER = "LARS"
+_C.LINEAR_EVAL.MOMENTUM = 0.9
+_C.LINEAR_EVAL.NESTEROV = True
+_C.LINEAR_EVAL.WEIGHT_DECAY = 0.0
+_C.LINEAR_EVAL.IMS_PER_GPU = 128
+_C.LINEAR_EVAL.CROP_SCALE = (0.08, 1.0)
+# Evaluate top-1 every this many epochs (and at the last one).
+_C.LINEAR_EVAL.EVAL_PERIOD = 5
+# Train the backbone too (fine-tuning variant) instead of freezing it.
+_C.LINEAR_EVAL.FINETUNE = False
+# Extract centre-crop features once and train on them (no augmentation; much faster;
+# results are labelled "precomputed-features" in linear_eval.json).
+_C.LINEAR_EVAL.PRECOMPUTE_FEATURES = False
+# "online" or "target" encoder of our checkpoints / the release's.
+_C.LINEAR_EVAL.ENCODER = "online"
+
+# Weighted k-NN monitor on pooled features (InstDisc-style weights exp(sim / T)).
+_C.KNN = CN()
+# Every this many pretraining epochs (0: never); also run with --eval-only when > 0.
+_C.KNN.PERIOD = 0
+_C.KNN.K = 200
+_C.KNN.TEMPERATURE = 0.07
+
+# ---------------------------------------------------------------------------- #
 # Misc
 # ---------------------------------------------------------------------------- #
 # Empty: ./output/<config name>_<n>, numbered to the first unused n.

@@ -1,11 +1,13 @@
 """The built-in demo data: small generated photographs of shapes on textures.
 
 Deterministic (fixed seeds), natural-looking enough to learn from (coloured objects
-with shading and texture over smooth backgrounds, varied sizes and aspect ratios), and
-labelled by the shape of the largest object, so a linear probe has something to find.
+over smooth textured backgrounds, varied sizes and aspect ratios), and labelled by the
+kind of scene (object shape and hue band, texture orientation), so a linear probe has
+something to find.
 Written once as JPEG files under ``<datasets root>/scrl_demo/{train,val}/<class>/`` so
 the demo exercises the real file-reading path.
 """
+import colorsys
 import os
 import shutil
 import tempfile
@@ -20,20 +22,22 @@ __all__ = ["DEMO_CLASSES", "DEMO_SPLITS", "demo_root", "ensure_demo_images", "de
 
 DEMO_CLASSES = ("disc", "square", "triangle", "cross")
 DEMO_SPLITS = {"train": (512, 1), "val": (128, 2)}  # images, seed
-_VERSION = "1"
+_VERSION = "3"
 
 
 def demo_root() -> str:
     return os.path.join(catalog.get_datasets_root(), "scrl_demo")
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> Image.Image:
+def _background(rng: np.random.Generator, h: int, w: int, angle: float = -1.0) -> Image.Image:
     coarse = rng.uniform(0, 255, size=(4, 4, 3)).astype(np.uint8)
     bg = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
     arr = np.asarray(bg, dtype=np.float32)
     yy, xx = np.mgrid[0:h, 0:w]
-    freq, angle = rng.uniform(0.05, 0.3), rng.uniform(0, np.pi)
+    freq = rng.uniform(0.05, 0.3)
+    angle = angle if angle >= 0 else rng.uniform(0, np.pi)
     stripes = np.sin(freq * (xx * np.cos(angle) + yy * np.sin(angle)))[..., None]
+    arr = 0.5 * arr + 0.5 * arr.mean(axis=2, keepdims=True)  # muted backgrounds, colourful objects
     arr = arr * 0.8 + 25 * stripes + rng.normal(0, 6, size=arr.shape)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
@@ -52,19 +56,22 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: f
 
 
 def render_demo_image(rng: np.random.Generator) -> "tuple[Image.Image, int]":
-    """One image and its label (the class of its largest object)."""
+    """One image and its label. A class is a kind of scene: its objects' shape and the
+    orientation of its background's texture (with random colours, sizes, positions)."""
     w, h = int(rng.integers(96, 176)), int(rng.integers(96, 160))
-    img = _background(rng, h, w)
+    label = int(rng.integers(len(DEMO_CLASSES)))
+    angle = (label + rng.uniform(-0.2, 0.2)) * np.pi / len(DEMO_CLASSES) % np.pi
+    img = _background(rng, h, w, angle)
     draw = ImageDraw.Draw(img)
     n = int(rng.integers(1, 4))
     radii = sorted(rng.uniform(0.12, 0.3, size=n) * min(w, h), reverse=True)
-    label = int(rng.integers(len(DEMO_CLASSES)))
-    # Smaller objects first so the largest (labelled) one stays visible on top.
     for i in reversed(range(n)):
-        kind = DEMO_CLASSES[label] if i == 0 else DEMO_CLASSES[int(rng.integers(len(DEMO_CLASSES)))]
+        kind = DEMO_CLASSES[label]
         r = radii[i]
         cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
-        color = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        # each class has its own band of hues (and shape, and texture orientation)
+        hue = (label / len(DEMO_CLASSES) + rng.uniform(0.0, 0.12)) % 1.0
+        color = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)))
         outline = tuple(max(0, c - 60) for c in color)
         _draw_shape(draw, kind, cx, cy, r, color, outline)
     img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.0, 0.8))))

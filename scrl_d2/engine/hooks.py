@@ -12,7 +12,7 @@ import torch
 from ..checkpoint import atomic_write
 from ..utils import comm
 
-__all__ = ["HookBase", "MetricsWriter", "EpochCheckpointer", "ProbeEvaluator"]
+__all__ = ["HookBase", "MetricsWriter", "EpochCheckpointer", "ProbeEvaluator", "KnnMonitor"]
 
 logger = logging.getLogger("scrl_d2.engine")
 
@@ -155,9 +155,35 @@ class ProbeEvaluator(HookBase):
         if self.period > 0 and (t.epoch % self.period == 0 or t.epoch == t.max_epoch):
             top1 = self.evaluate()
             self.history.append({"epoch": t.epoch, "probe/top1": top1})
-            logger.info(f"epoch {t.epoch}: online probe top-1 {top1:.2f}%")
+            is_best = top1 > t.best_probe
+            if is_best:
+                t.best_probe, t.best_probe_epoch = top1, t.epoch
+                t.checkpointer.save("checkpoint_best", tag_last=False, trainer=t.state_dict())
+            logger.info(f"epoch {t.epoch}: online probe top-1 {top1:.2f}% (best {t.best_probe:.2f}% at epoch "
+                        f"{t.best_probe_epoch}{', saved checkpoint_best.pth' if is_best else ''})")
             if self.writer is not None:
                 self.writer.log_eval({"probe/top1": top1})
             if comm.is_main_process():
                 atomic_write(os.path.join(t.cfg.OUTPUT_DIR, "probe_eval.json"),
                              lambda f: f.write(json.dumps(self.history, indent=1)), mode="w")
+
+
+class KnnMonitor(HookBase):
+    """Weighted k-NN top-1 of the online encoder every ``period`` epochs."""
+
+    def __init__(self, period: int, writer: Optional[MetricsWriter] = None):
+        self.period, self.writer = period, writer
+
+    def after_epoch(self) -> None:
+        t = self.trainer
+        if t.epoch % self.period == 0 or t.epoch == t.max_epoch:
+            from ..evaluation import Encoder, run_knn
+
+            m = t.model
+            enc = Encoder(m.backbone, t.cfg.MODEL.PIXEL_MEAN, t.cfg.MODEL.PIXEL_STD, m.in_feature, m.channels_last)
+            res = run_knn(t.cfg, enc.to(t.device), t.device, t.dtype)
+            m.train()
+            logger.info(f"epoch {t.epoch}: k-NN (k={res['knn/k']}, T={res['knn/temperature']}) top-1 "
+                        f"{res['knn/top1']:.2f}%")
+            if self.writer is not None:
+                self.writer.log_eval({"knn/top1": res["knn/top1"]})

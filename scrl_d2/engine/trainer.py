@@ -17,7 +17,7 @@ from ..modeling import build_model
 from ..solver import build_lr_scheduler, build_momentum_scheduler, build_optimizer, scaled_lr
 from ..utils import comm
 from .defaults import resolve_device
-from .hooks import EpochCheckpointer, HookBase, MetricsWriter, ProbeEvaluator
+from .hooks import EpochCheckpointer, HookBase, KnnMonitor, MetricsWriter, ProbeEvaluator
 
 __all__ = ["PretrainTrainer", "amp_dtype"]
 
@@ -112,8 +112,11 @@ class PretrainTrainer:
                                          optimizer=self.optimizer, scaler=self.scaler)
         self.writer = MetricsWriter(cfg.OUTPUT_DIR, cfg.LOG_PERIOD)
         self.hooks: List[HookBase] = [self.writer, EpochCheckpointer(cfg.SOLVER.SNAPSHOT_INTERVAL)]
+        self.best_probe, self.best_probe_epoch = -1.0, 0
         if model.probe is not None and cfg.DATASETS.TEST and cfg.TEST.EVAL_PERIOD > 0:
             self.hooks.append(ProbeEvaluator(cfg.TEST.EVAL_PERIOD, self.evaluate_probe, self.writer))
+        if cfg.KNN.PERIOD > 0 and cfg.DATASETS.TEST and num_classes > 0:
+            self.hooks.append(KnnMonitor(cfg.KNN.PERIOD, self.writer))
         for h in self.hooks:
             h.trainer = self
 
@@ -132,6 +135,7 @@ class PretrainTrainer:
 
     def state_dict(self) -> Dict:
         return {"iter": self.iter, "epoch": self.epoch, "seed": self.cfg.SEED, "skipped_steps": self.skipped_steps,
+                "best_probe": self.best_probe, "best_probe_epoch": self.best_probe_epoch,
                 "skipped_images": self.skipped_images, "world_size": self.world_size, "rng": _rng_state()}
 
     def load_state_dict(self, state: Dict) -> None:
@@ -139,6 +143,7 @@ class PretrainTrainer:
         self.epoch = self.iter // self.iters_per_epoch
         self.skipped_steps = state.get("skipped_steps", 0)
         self.skipped_images = state.get("skipped_images", 0)
+        self.best_probe, self.best_probe_epoch = state.get("best_probe", -1.0), state.get("best_probe_epoch", 0)
         if state.get("seed") != self.cfg.SEED:
             logger.warning(f"resuming with SEED {self.cfg.SEED}, the checkpoint used {state.get('seed')}: "
                            "the data order from here on differs from an uninterrupted run")

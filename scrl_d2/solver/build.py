@@ -14,7 +14,7 @@ from torch import nn
 
 from .lars import LARS
 
-__all__ = ["split_norm_and_bias", "build_optimizer", "scaled_lr", "build_lr_scheduler",
+__all__ = ["split_norm_and_bias", "build_optimizer", "scaled_lr", "build_lr_scheduler", "warmup_cosine",
            "build_momentum_scheduler", "StepSchedule"]
 
 logger = logging.getLogger("scrl_d2.solver")
@@ -80,12 +80,12 @@ class StepSchedule:
         return float(self.scheduler(min((step + self.offset) / self.total, 1.0)))
 
 
-def build_lr_scheduler(cfg, base_lr: float, iters_per_epoch: int) -> StepSchedule:
-    """Linear warm-up from 0 over WARMUP_EPOCHS, then cosine to 0 at the end."""
-    s = cfg.SOLVER
-    if not 0 <= s.WARMUP_EPOCHS < s.EPOCHS:
-        raise ValueError(f"SOLVER.WARMUP_EPOCHS ({s.WARMUP_EPOCHS}) must be in [0, SOLVER.EPOCHS={s.EPOCHS})")
-    warm = s.WARMUP_EPOCHS / s.EPOCHS
+def warmup_cosine(base_lr: float, warmup_epochs: int, epochs: int, iters_per_epoch: int,
+                  key: str = "SOLVER") -> StepSchedule:
+    """Linear warm-up from 0 over ``warmup_epochs``, then cosine to 0 at the end."""
+    if not 0 <= warmup_epochs < epochs:
+        raise ValueError(f"{key}.WARMUP_EPOCHS ({warmup_epochs}) must be in [0, {key}.EPOCHS={epochs})")
+    warm = warmup_epochs / epochs
     cosine = CosineParamScheduler(base_lr, 0.0)
     if warm == 0:
         sched: ParamScheduler = cosine
@@ -93,7 +93,12 @@ def build_lr_scheduler(cfg, base_lr: float, iters_per_epoch: int) -> StepSchedul
         sched = CompositeParamScheduler(
             [LinearParamScheduler(0.0, base_lr), cosine], [warm, 1.0 - warm], ["rescaled", "rescaled"]
         )
-    return StepSchedule(sched, iters_per_epoch * s.EPOCHS)
+    return StepSchedule(sched, iters_per_epoch * epochs)
+
+
+def build_lr_scheduler(cfg, base_lr: float, iters_per_epoch: int) -> StepSchedule:
+    """The pretraining LR: SOLVER.WARMUP_EPOCHS of linear warm-up, then cosine."""
+    return warmup_cosine(base_lr, cfg.SOLVER.WARMUP_EPOCHS, cfg.SOLVER.EPOCHS, iters_per_epoch)
 
 
 def build_momentum_scheduler(cfg, iters_per_epoch: int) -> StepSchedule:
