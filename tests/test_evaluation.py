@@ -117,3 +117,12 @@ def test_probe_keeps_its_best_checkpoint_and_linear_eval_follows_pretraining(tmp
 def test_missing_checkpoint_for_eval_only_is_named(tmp_path, pretrained):
     r = run_cli("--eval-only", *_eval_opts(pretrained, str(tmp_path / "x"), "/no/such/ckpt.pth"), check=False)
     assert r.returncode != 0 and "/no/such/ckpt.pth" in r.stderr
+
+
+def test_linear_eval_with_two_processes(tmp_path, pretrained):
+    out = str(tmp_path / "ddp")
+    r = run_cli("--num-gpus", "2", "--eval-only", *_eval_opts(pretrained, out, pretrained["ckpt"]), *LE_FAST,
+                "LINEAR_EVAL.IMS_PER_GPU", "4")
+    assert "rank 0 of 2" in r.stdout
+    res = json.load(open(os.path.join(out, "linear_eval", "linear_eval.json")))
+    assert res["protocol"]["global_batch"] == 8 and len(res["history"]) == 2
