@@ -11,7 +11,7 @@ import colorsys
 import os
 import shutil
 import tempfile
-from typing import List
+from typing import Callable, List
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -78,24 +78,18 @@ def render_demo_image(rng: np.random.Generator) -> "tuple[Image.Image, int]":
     return img, label
 
 
-def ensure_demo_images(root: str = "") -> str:
-    """Generate the demo images once (atomically: a finished folder or nothing)."""
-    root = root or demo_root()
-    marker = os.path.join(root, f".complete-v{_VERSION}")
+def generate_once(root: str, version: str, fill: Callable[[str], None]) -> str:
+    """Run ``fill(tmp_dir)`` once and move the result to ``root`` atomically: readers see
+    a finished folder or none, and concurrent processes do not collide."""
+    marker = os.path.join(root, f".complete-v{version}")
     if os.path.exists(marker):
         return root
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".scrl_demo-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}-", dir=parent)
     try:
-        for split, (count, seed) in DEMO_SPLITS.items():
-            rng = np.random.default_rng(seed)
-            for c in DEMO_CLASSES:
-                os.makedirs(os.path.join(tmp, split, c), exist_ok=True)
-            for i in range(count):
-                img, label = render_demo_image(rng)
-                img.save(os.path.join(tmp, split, DEMO_CLASSES[label], f"{i:05d}.jpg"), quality=90)
-        open(os.path.join(tmp, f".complete-v{_VERSION}"), "w").close()
+        fill(tmp)
+        open(os.path.join(tmp, f".complete-v{version}"), "w").close()
         if os.path.exists(root):
             shutil.rmtree(root, ignore_errors=True)
         try:
@@ -106,6 +100,20 @@ def ensure_demo_images(root: str = "") -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def ensure_demo_images(root: str = "") -> str:
+    """Generate the demo images once (atomically: a finished folder or nothing)."""
+    def fill(tmp: str) -> None:
+        for split, (count, seed) in DEMO_SPLITS.items():
+            rng = np.random.default_rng(seed)
+            for c in DEMO_CLASSES:
+                os.makedirs(os.path.join(tmp, split, c), exist_ok=True)
+            for i in range(count):
+                img, label = render_demo_image(rng)
+                img.save(os.path.join(tmp, split, DEMO_CLASSES[label], f"{i:05d}.jpg"), quality=90)
+
+    return generate_once(root or demo_root(), _VERSION, fill)
 
 
 def demo_dicts(split: str) -> List[dict]:

@@ -5,15 +5,13 @@ its object's visible mask."""
 import json
 import math
 import os
-import shutil
-import tempfile
 from typing import Dict, List, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..data import catalog
-from ..data.demo import DEMO_CLASSES, _background
+from ..data.demo import DEMO_CLASSES, _background, generate_once
 
 __all__ = ["SYNTHETIC_SPLITS", "synthetic_root", "ensure_synthetic_detection", "shape_polygon"]
 
@@ -67,14 +65,7 @@ def _render(rng: np.random.Generator, image_id: int, ann_start: int) -> Tuple[Im
 
 def ensure_synthetic_detection(root: str = "") -> str:
     """Generate ``{train,val}/`` images and ``annotations/{train,val}.json`` once (atomically)."""
-    root = root or synthetic_root()
-    marker = os.path.join(root, f".complete-v{_VERSION}")
-    if os.path.exists(marker):
-        return root
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".scrl_demo_det-", dir=parent)
-    try:
+    def fill(tmp: str) -> None:
         os.makedirs(os.path.join(tmp, "annotations"))
         cats = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(DEMO_CLASSES)]
         for split, (count, seed) in SYNTHETIC_SPLITS.items():
@@ -89,14 +80,5 @@ def ensure_synthetic_detection(root: str = "") -> str:
                 annotations.extend(anns)
             with open(os.path.join(tmp, "annotations", f"{split}.json"), "w") as f:
                 json.dump({"images": images, "annotations": annotations, "categories": cats}, f)
-        open(os.path.join(tmp, f".complete-v{_VERSION}"), "w").close()
-        if os.path.exists(root):
-            shutil.rmtree(root, ignore_errors=True)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not os.path.exists(marker):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+
+    return generate_once(root or synthetic_root(), _VERSION, fill)
