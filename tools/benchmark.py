@@ -92,7 +92,7 @@ def bench_model(cfg, batch: int, iters: int, warmup: int):
     opt = build_optimizer(cfg, model)
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    S, K = cfg.INPUT.CROP_SIZE, cfg.MODEL.SCRL.NUM_BOXES
+    S = cfg.INPUT.CROP_SIZE
     gen = BoxPairGenerator.from_config(cfg)
     g = np.array([[0, 0, 300, 300, 0]] * batch, float)
     b1, b2, valid = gen(g, g + np.array([40, 30, -40, -30, 1.0]), np.random.default_rng(0))

@@ -114,7 +114,7 @@ class BoxPairGenerator:
         """
         g1 = np.asarray(geom1, dtype=np.float64).reshape(-1, 5)
         g2 = np.asarray(geom2, dtype=np.float64).reshape(-1, 5)
-        B, K, T, S = g1.shape[0], self.num_boxes, self.max_tries, float(self.input_size)
+        B, K = g1.shape[0], self.num_boxes
         usable, int_l, int_t, iw, ih, swmin, shmin, scales = self._intersection(g1, g2)
         chosen1 = np.zeros((B, K, 4))
         chosen2 = np.zeros((B, K, 4))

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import time
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator
 
 import torch
 from torch.nn.parallel import DistributedDataParallel

@@ -98,8 +98,6 @@ def build_torchvision_detector(cfg) -> nn.Module:
                          mask_predictor=MaskRCNNPredictor(mh.CONV_DIM, mh.CONV_DIM, num_classes), **kwargs)
     else:
         model = FasterRCNN(backbone, num_classes=None, **kwargs)
-    model.transform.min_size = tuple(i.MIN_SIZE_TRAIN)
-    model.test_min_size = i.MIN_SIZE_TEST
     return model
 
 
