@@ -108,3 +108,41 @@ def test_batch_and_per_sample_generation_agree_in_distribution():
     w_b = (batch[..., 2] - batch[..., 0]).mean()
     w_s = (single[..., 2] - single[..., 0]).mean()
     assert abs(w_b - w_s) / w_s < 0.05
+
+
+@pytest.mark.parametrize("thr,tries,stream", [(0.5, 50, 16), (0.3, 5, 3), (0.7, 12, 4), (1.0, 50, 4)])
+def test_stream_acceptance_equals_the_slot_by_slot_rule(thr, tries, stream):
+    """Whatever the stream length and round split, each slot takes the first candidate
+    of its image's draw sequence with IoU < thr to every earlier box, else its
+    ``tries``-th draw (the release's loop), given the same draws."""
+    K, n = 6, 40
+    gen = BoxPairGenerator(input_size=S, num_boxes=K, min_size=16, iou_threshold=thr, max_tries=tries,
+                           stream_candidates=stream)
+    rng = np.random.default_rng(11)
+    g1, g2 = random_geoms(rng, n, 0, 0, img=(120, 140))
+    seqs = [[] for _ in range(n)]  # every draw each image saw, in order
+    draw = gen._draw
+
+    def recording_draw(geo, sel, c, r):
+        cand = draw(geo, sel, c, r)
+        for j, i in enumerate(sel):
+            seqs[i].extend(cand[:, j].T.tolist())
+        return cand
+
+    gen._draw = recording_draw
+    usable, *_ = gen._intersection(g1, g2)
+    geo_rows = np.flatnonzero(usable)
+    assert geo_rows.size > 10
+    I = gen._intersection(g1[geo_rows], g2[geo_rows])
+    geo = (g1[geo_rows], g2[geo_rows], *I[1:7], I[7])
+    grid = gen._accept(geo, rng)  # [4, n', K]
+    for i in range(geo_rows.size):
+        seq, pos, chosen = np.array(seqs[i]), 0, []
+        for k in range(K):
+            for t in range(tries):
+                box = seq[pos]
+                pos += 1
+                if k == 0 or thr >= 1.0 or box_iou(box[None], np.array(chosen)).max() < thr or t == tries - 1:
+                    chosen.append(box)
+                    break
+        np.testing.assert_array_equal(grid[:, i].T, np.array(chosen))

@@ -8,8 +8,9 @@ grid division / cell / box with sides >= ``min_size`` is drawn, and a box whose 
 with an earlier box of the same image is not below ``iou_threshold`` is redrawn (at
 most ``max_tries`` draws; the last one is kept).
 
-The generator is vectorised over images: candidates are drawn for all images at once,
-and only the ``K`` acceptance steps loop. It runs in the data-loader workers.
+The generator is vectorised over a whole batch: candidates are drawn for all images at
+once and only the ``K`` acceptance steps loop. It runs once per batch in the loader's
+collate step (a worker), never on the training thread.
 """
 from dataclasses import dataclass
 from typing import Tuple
@@ -64,6 +65,9 @@ class BoxPairGenerator:
     grid_based: bool = True
     jitter: bool = False
     jitter_ratio: float = 0.1
+    # Candidates drawn per image up front (fast path); more cost memory, fewer
+    # leave images to the slot-by-slot path. Does not change the distribution.
+    stream_candidates: int = 16
 
     @classmethod
     def from_config(cls, cfg) -> "BoxPairGenerator":
@@ -116,90 +120,141 @@ class BoxPairGenerator:
         g2 = np.asarray(geom2, dtype=np.float64).reshape(-1, 5)
         B, K = g1.shape[0], self.num_boxes
         usable, int_l, int_t, iw, ih, swmin, shmin, scales = self._intersection(g1, g2)
-        chosen1 = np.zeros((B, K, 4))
-        chosen2 = np.zeros((B, K, 4))
+        boxes1 = np.zeros((B, K, 4), np.float32)
+        boxes2 = np.zeros((B, K, 4), np.float32)
         img = np.flatnonzero(usable)
         if img.size:
             geo = (g1[img], g2[img], int_l[img], int_t[img], iw[img], ih[img], swmin[img],
                    shmin[img], tuple(s[img] for s in scales))
-            c1, c2 = self._accept(geo, len(img), rng)
-            chosen1[img], chosen2[img] = c1, c2
+            grid = self._accept(geo, rng)
+            boxes1[img], boxes2[img] = self._to_views(geo, grid, rng)
         valid = np.repeat(usable[:, None], K, axis=1)
-        return chosen1.astype(np.float32), chosen2.astype(np.float32), valid
+        return boxes1, boxes2, valid
 
-    def _accept(self, geo, n: int, rng: np.random.Generator):
-        """Sequential acceptance over the K slots: each slot takes the first candidate
-        whose IoU with every earlier box of its image (in view 1) is below the
-        threshold, else its last (``max_tries``-th) draw. Candidates are drawn in
-        chunks for the images still waiting, so typical slots cost one small draw."""
-        K, T, S = self.num_boxes, self.max_tries, float(self.input_size)
-        chosen1 = np.zeros((n, K, 4))
-        chosen2 = np.zeros((n, K, 4))
-        for k in range(K):
-            pending = np.arange(n)
-            tries = 0
-            chunk = 2
-            while pending.size:
-                c = min(chunk, T - tries)
-                c1, c2 = self._draw(geo, pending, c, rng)  # [p, c, 4]
-                tries += c
-                if k == 0 or self.iou_threshold >= 1.0:
-                    pick = np.zeros(pending.size, dtype=np.int64)
-                    done = np.ones(pending.size, dtype=bool)
-                else:
-                    ok = box_iou(c1, chosen1[pending, :k]).max(axis=-1) < self.iou_threshold
-                    done = ok.any(axis=1)
-                    pick = ok.argmax(axis=1)
-                    if tries >= T:  # out of tries: keep the last draw
-                        pick = np.where(done, pick, c - 1)
-                        done[:] = True
-                rows = np.flatnonzero(done)
-                chosen1[pending[rows], k] = self._clip(c1[rows, pick[rows]], S)
-                chosen2[pending[rows], k] = self._clip(c2[rows, pick[rows]], S)
-                pending = pending[~done]
-                chunk = 16
-        return chosen1, chosen2
+    # ------------------------------------------------------------------ sampling
+    # Boxes are drawn and compared in the intersection's integer grid (the release's
+    # box_x, box_y, box_w, box_h); IoU there equals IoU in view 1's pixels (the map is
+    # a per-axis scale and shift), so acceptance is decided before any mapping.
+    def _accept(self, geo, rng: np.random.Generator) -> np.ndarray:
+        """The K accepted grid boxes ``[4, n, K]`` (x0, y0, x1, y1) of each image.
 
-    def _draw(self, geo, sel: np.ndarray, c: int, rng: np.random.Generator):
-        """``c`` candidate pairs for each image of ``sel``, in both views' pixels."""
-        g1, g2, int_l, int_t, iw, ih, swmin, shmin, (sw1, sh1, sw2, sh2) = geo
-        m, S = self.min_size, float(self.input_size)
-        iw, ih = iw[sel, None], ih[sel, None]
-        u = rng.random((6, sel.size, c))
-        if self.grid_based:
-            div_w = 1 + np.floor(u[0] * np.floor(iw / m))  # uniform in [1, floor(iw/m)]
-            div_h = 1 + np.floor(u[1] * np.floor(ih / m))
-            grid_w, grid_h = iw / div_w, ih / div_h
-            bw = m + np.floor(u[2] * (np.floor(grid_w + 1) - m))  # in [m, floor(grid_w)]
-            bh = m + np.floor(u[3] * (np.floor(grid_h + 1) - m))
-            cell = rng.random((2, sel.size, c))
-            bx = np.floor(u[4] * np.floor(grid_w - bw + 1)) + np.floor(np.floor(cell[0] * div_w) * grid_w)
-            by = np.floor(u[5] * np.floor(grid_h - bh + 1)) + np.floor(np.floor(cell[1] * div_h) * grid_h)
+        Each slot takes the first candidate whose IoU with every earlier box of its
+        image is below the threshold, else its ``max_tries``-th draw (the release's
+        rule). Candidates come as a stream per image, consumed greedily: a candidate
+        rejected for one slot stays rejected for the later ones (the accepted set only
+        grows), so a whole batch costs K vectorised steps per round. The few images
+        whose stream runs dry get a fresh stream in another round."""
+        n, K, T = geo[4].shape[0], self.num_boxes, self.max_tries
+        out = np.zeros((4, n, K), dtype=np.float32)
+        fill = np.zeros(n, dtype=np.int64)  # slots filled so far
+        spent = np.zeros(n, dtype=np.int64)  # tries already used on the open slot
+        pending = np.arange(n)
+        c = max(1, min(T, max(self.stream_candidates, K)))
+        while pending.size:
+            cand = self._draw(geo, pending, c, rng)  # [4, p, c]
+            sub = out[:, pending]
+            f, s = self._consume(cand, sub, fill[pending], spent[pending])
+            out[:, pending], fill[pending], spent[pending] = sub, f, s
+            pending = pending[f < K]
+            # No slot may pass its try budget inside a stream (see _consume).
+            c = int(min(4 * self.stream_candidates, T - spent[pending].max(initial=0)))
+        return out
+
+    def _consume(self, cand: np.ndarray, out: np.ndarray, fill: np.ndarray, spent: np.ndarray):
+        """Fill the open slots of ``out [4, p, K]`` from the stream ``cand [4, p, c]``
+        (``spent + c <= max_tries``); returns the updated ``fill`` and ``spent``. Few,
+        whole-array numpy operations per slot: this loop is the generator's cost."""
+        K, T, thr = self.num_boxes, self.max_tries, self.iou_threshold
+        p, c = cand.shape[1:]
+        rows = np.arange(p)
+        reject = thr < 1.0  # threshold 1: every draw is accepted, as in the release
+        steps = K - int(fill.min())
+        if not reject:
+            picks = np.broadcast_to(np.arange(steps), (p, steps))
+            found = picks < c
         else:
-            bw = m + np.floor(u[0] * (iw - m))  # in [m, iw - 1]
-            bh = m + np.floor(u[1] * (ih - m))
-            bx = np.floor(u[2] * (iw - bw))
-            by = np.floor(u[3] * (ih - bh))
-        # The candidate rectangle in original-image pixels ...
-        x0 = int_l[sel, None] + bx / swmin[sel, None]
-        y0 = int_t[sel, None] + by / shmin[sel, None]
-        x1 = x0 + bw / swmin[sel, None]
-        y1 = y0 + bh / shmin[sel, None]
-        # ... and in each view's pixels, mirrored for a flipped view.
-        c1 = self._to_view(x0, y0, x1, y1, g1[sel], sw1[sel], sh1[sel], S)
-        c2 = self._to_view(x0, y0, x1, y1, g2[sel], sw2[sel], sh2[sel], S)
-        if self.jitter:
-            c2 = self._jitter(c2, rng)
-        return c1, c2
+            # IoU(a, b) < thr  <=>  inter < thr / (1 + thr) * (area_a + area_b)
+            half = (cand[2] - cand[0]) * (cand[3] - cand[1]) * np.float32(thr / (1.0 + thr))
+            if fill.any():  # candidates too close to boxes of earlier rounds are out
+                iou = box_iou(cand.transpose(1, 2, 0), out.transpose(1, 2, 0))  # [p, c, K]
+                iou = np.where(np.arange(K)[None, None] < fill[:, None, None], iou, 0.0)
+                alive = iou.max(axis=2) < thr
+            else:
+                alive = np.ones((p, c), dtype=bool)
+            picks = np.zeros((p, steps), dtype=np.int64)
+            lo = np.empty((2, p, c), dtype=cand.dtype)
+            hi = np.empty((2, p, c), dtype=cand.dtype)
+            first_ok = alive.any(axis=1)
+            for k in range(steps):
+                # The first live candidate: everything before it was rejected, and the
+                # pick rejects itself (IoU 1) and all candidates too close to it.
+                idx = picks[:, k] = alive.argmax(axis=1)
+                picked = cand[:, rows, idx][:, :, None]
+                np.maximum(cand[:2], picked[:2], out=lo)
+                np.minimum(cand[2:], picked[2:], out=hi)
+                hi -= lo
+                np.maximum(hi, 0.0, out=hi)
+                alive &= hi[0] * hi[1] < half + half[rows, idx][:, None]
+            # Picks of a row strictly increase until its stream is dry (argmax of an
+            # all-rejected row is 0).
+            found = np.concatenate([first_ok[:, None], picks[:, 1:] > picks[:, :-1]], axis=1)
+            found = np.logical_and.accumulate(found, axis=1)
+        found &= (fill[:, None] + np.arange(steps)[None]) < K
+        r, k = np.nonzero(found)
+        out[:, r, fill[r] + k] = cand[:, r, picks[r, k]]
+        count = found.sum(axis=1)
+        last = np.where(count > 0, picks[rows, np.maximum(count - 1, 0)], -1)
+        fill = fill + count
+        spent = np.where(count > 0, c - 1 - last, spent + c)
+        spent = np.where(fill < K, spent, 0)
+        # A slot that used its last try without success keeps that try (the release).
+        capped = (fill < K) & (spent >= T)
+        if capped.any():
+            r = rows[capped]
+            out[:, r, fill[r]] = cand[:, r, c - 1]
+            fill[r] += 1
+            spent[r] = 0
+        return fill, spent
 
-    @staticmethod
-    def _to_view(x0, y0, x1, y1, g, sw, sh, S):
-        left, top, flip = g[:, 1, None], g[:, 0, None], g[:, 4, None] > 0.5
-        sw, sh = sw[:, None], sh[:, None]
-        l, r = (x0 - left) * sw, (x1 - left) * sw
-        t, b = (y0 - top) * sh, (y1 - top) * sh
-        l, r = np.where(flip, S - r, l), np.where(flip, S - l, r)
-        return np.stack([l, t, r, b], axis=-1)  # [n, c, 4]
+    def _draw(self, geo, sel: np.ndarray, c: int, rng: np.random.Generator) -> np.ndarray:
+        """``c`` candidate boxes ``[4, len(sel), c]`` per image of ``sel``, in grid units
+        (x and y drawn together: rows 0/1 of every array are the x/y axis)."""
+        m = np.float32(self.min_size)
+        size = np.stack([geo[4][sel], geo[5][sel]]).astype(np.float32)[:, :, None]  # [2, s, 1]
+        u = rng.random((4, 2, sel.size, c), dtype=np.float32)
+        if self.grid_based:
+            div = 1 + np.floor(u[0] * np.floor(size / m))  # uniform in [1, floor(size/m)]
+            grid = size / div
+            side = m + np.floor(u[1] * (np.floor(grid + 1) - m))  # in [m, floor(grid)]
+            start = np.floor(u[2] * np.floor(grid - side + 1)) + np.floor(np.floor(u[3] * div) * grid)
+        else:
+            side = m + np.floor(u[0] * (size - m))  # in [m, size - 1]
+            start = np.floor(u[1] * (size - side))
+        return np.concatenate([start, start + side])
+
+    def _to_views(self, geo, grid: np.ndarray, rng: np.random.Generator):
+        """Grid boxes ``[4, n, K]`` -> ``[n, K, 4]`` boxes in each view's pixels
+        (mirrored for a flipped view, view 2 jittered if asked, clipped to the view).
+
+        view pixel = (intersection origin - crop origin) * view scale
+                     + grid units * (view scale / grid scale)."""
+        g1, g2, int_l, int_t, _, _, swmin, shmin, (sw1, sh1, sw2, sh2) = geo
+        S = float(self.input_size)
+        g = np.stack([g1, g2])  # [2 views, n, 5]
+        scale = np.stack([np.stack([sw1, sh1]), np.stack([sw2, sh2])])  # [2 views, 2 axes, n]
+        off = (np.stack([int_l, int_t])[None] - g[:, :, [1, 0]].transpose(0, 2, 1)) * scale
+        ratio = scale / np.stack([swmin, shmin])[None]
+        v = np.concatenate([grid[:2][None] * ratio[..., None] + off[..., None],
+                            grid[2:][None] * ratio[..., None] + off[..., None]], axis=1)  # [2, 4, n, K]
+        flip = (g[:, :, 4] > 0.5)[:, :, None]  # [2 views, n, 1]
+        x0 = np.where(flip, S - v[:, 2], v[:, 0])
+        v[:, 2] = np.where(flip, S - v[:, 0], v[:, 2])
+        v[:, 0] = x0
+        v = v.transpose(0, 2, 3, 1)  # [2, n, K, 4]
+        v1, v2 = v[0], v[1]
+        if self.jitter:
+            v2 = self._jitter(v2, rng)
+        return self._clip(v1), self._clip(v2)
 
     def _jitter(self, c: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """The release's jitter of the second view's box: shift and rescale each side."""
@@ -209,6 +264,8 @@ class BoxPairGenerator:
         t = c[..., 1] + h * (j[..., 1] - 1)
         return np.stack([l, t, l + w * j[..., 2], t + h * j[..., 3]], axis=-1)
 
-    @staticmethod
-    def _clip(b: np.ndarray, S: float) -> np.ndarray:
-        return np.concatenate([np.maximum(b[:, :2], 0.0), np.minimum(b[:, 2:], S)], axis=-1)
+    def _clip(self, b: np.ndarray) -> np.ndarray:
+        out = np.empty(b.shape, dtype=np.float32)
+        np.maximum(b[..., :2], 0.0, out=out[..., :2])
+        np.minimum(b[..., 2:], float(self.input_size), out=out[..., 2:])
+        return out
