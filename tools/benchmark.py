@@ -1,20 +1,31 @@
 #!/usr/bin/env python
-"""Throughput figures for SCRL and BYOL (figures, not pass/fail).
+"""Throughput figures for SCRL and BYOL pretraining (figures, not pass/fail).
 
-    python tools/benchmark.py boxes                      # box-pair generation, ms per image / per 256
-    python tools/benchmark.py data  --config-file configs/demo/scrl_demo.yaml --workers 0 2
-    python tools/benchmark.py model --config-file configs/scrl_pretrain.yaml --batch 256
-    python tools/benchmark.py all   --config-file configs/demo/scrl_demo.yaml
+    python tools/benchmark.py train --config-file configs/scrl_pretrain.yaml     # the real loop, JPEGs from disk
+    python tools/benchmark.py model --config-file configs/scrl_pretrain.yaml     # batches already on the device
+    python tools/benchmark.py data  --config-file configs/scrl_pretrain.yaml --workers 1 4 8 16
+    python tools/benchmark.py boxes --official-scrl ~/src/scrl                   # box pairs per 256 images
 
-``model`` times full training steps (forward, backward, LARS, EMA) on batches already on
-the device; ``data`` times the real loader (decode, two views, box pairs). Medians over
-steady-state steps after warm-up; peak GPU memory where a GPU is present.
+``train`` runs PretrainTrainer's own step (loader, transfer, forward, backward, LARS,
+EMA) on a folder of JPEGs (``--data``; by default a generated folder of 500x375 JPEGs,
+the size of an average ImageNet photograph). ``model`` feeds tensors already on the
+device. ``data`` times the loader alone (decode, two views, box pairs; with
+INPUT.AUGMENT_DEVICE device, also the device rendering). ``boxes`` times the box-pair
+generator per 256 images on one core, and the official generator when given its
+checkout. Figures are medians over steady-state steps after warm-up; an image is one
+pair of views. Config overrides go last (KEY VALUE ...), e.g. SOLVER.AMP.DTYPE float16
+MODEL.CHANNELS_LAST False MODEL.COMPILE.ENABLED True. ``--json FILE`` writes the
+headline row (mode, device, torch, settings, img_per_s, step_ms_median, peak_mem_gib,
+box_ms_per_256, as they apply) with every row under ``rows``.
 """
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -23,143 +34,276 @@ from tabulate import tabulate
 
 from scrl_d2.config import get_cfg
 from scrl_d2.data import build_pretrain_loader
+from scrl_d2.data.augment import random_resized_crop_params
 from scrl_d2.data.boxes import BoxPairGenerator
-from scrl_d2.engine.trainer import amp_dtype
+from scrl_d2.data.build import augment_on_device
+from scrl_d2.data.demo import write_synthetic_jpegs
+from scrl_d2.data.gpu_augment import BatchedAugmentation
+from scrl_d2.engine.trainer import PretrainTrainer, amp_dtype
 from scrl_d2.modeling import build_model
 from scrl_d2.solver import build_optimizer
 
 
 def machine() -> str:
-    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} / {cpu}"
-    return f"CPU only ({cpu})"
+    return f"CPU only ({cpu}, {torch.get_num_threads()} torch threads)"
 
 
-def bench_boxes(cfg, iters: int):
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def settings(cfg, **extra) -> dict:
+    return {"arch": cfg.MODEL.META_ARCHITECTURE, "depth": cfg.MODEL.RESNETS.DEPTH, "batch": cfg.SOLVER.IMS_PER_GPU,
+            "input": cfg.INPUT.CROP_SIZE, "amp": str(amp_dtype(cfg, torch.device(_device()))).replace("torch.", ""),
+            "channels_last": cfg.MODEL.CHANNELS_LAST, "compile": cfg.MODEL.COMPILE.ENABLED,
+            "workers": cfg.DATALOADER.NUM_WORKERS, "augment_device": cfg.INPUT.AUGMENT_DEVICE, **extra}
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def release_geometries(n: int, cfg, seed: int = 0, size=(500, 375)):
+    """View pairs as the data path draws them: RandomResizedCrop of a 500x375 image."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(2 * n):
+        t, left, h, w = random_resized_crop_params(size[0], size[1], cfg.INPUT.CROP_SCALE, cfg.INPUT.CROP_RATIO, g)
+        rows.append([t, left, h, w, float(torch.rand((), generator=g) < 0.5)])
+    a = np.array(rows, dtype=np.float64)
+    return a[:n], a[n:]
+
+
+# ----------------------------------------------------------------------------- boxes
+def bench_boxes(cfg, iters: int, official: str):
+    g1, g2 = release_geometries(256, cfg)
     gen = BoxPairGenerator.from_config(cfg)
     rng = np.random.default_rng(0)
-    S = cfg.INPUT.CROP_SIZE
-    r = np.random.default_rng(1)
 
-    def geoms(n):
-        hw = r.uniform(0.45, 1.0, (n, 2)) * 375
-        return np.concatenate([r.uniform(0, 1, (n, 2)) * (375 - hw), hw, r.integers(0, 2, (n, 1))], 1)
-
-    rows = []
-    for batch in (1, 256):
-        g1, g2 = geoms(batch), geoms(batch)
-        gen(g1, g2, rng)
+    def median_ms(fn, n):
+        fn()
         times = []
-        for _ in range(iters):
+        for _ in range(n):
             t = time.perf_counter()
-            gen(g1, g2, rng)
+            fn()
             times.append(time.perf_counter() - t)
-        ms = statistics.median(times) * 1e3
-        rows.append({"mode": "boxes", "images per call": batch, "ms per call": ms, "ms per image": ms / batch,
-                     "box_ms_per_256": ms * 256 / batch, "input": S})
+        return statistics.median(times) * 1e3
+
+    ours = median_ms(lambda: gen(g1, g2, rng), iters)
+    one = median_ms(lambda: gen(g1[:1], g2[:1], rng), iters)
+    row = {"mode": "boxes", "settings": {"generator": "scrl_d2 (batched, in the loader's collate)",
+                                          "images": 256, "input": cfg.INPUT.CROP_SIZE,
+                                          "num_boxes": cfg.MODEL.SCRL.NUM_BOXES},
+           "box_ms_per_256": ours, "ms_per_image_alone": one}
+    rows = [row]
+    if official:
+        sys.path.insert(0, os.path.expanduser(official))
+        from models.box_generator import SCRLBoxGenerator  # the official release's module
+
+        s = cfg.MODEL.SCRL
+        off = SCRLBoxGenerator(cfg.INPUT.CROP_SIZE, s.MIN_SIZE, s.NUM_BOXES, s.BOX_JITTER, s.BOX_JITTER_RATIO,
+                               s.IOU_THRESHOLD, s.GRID_BASED)
+        transf = [torch.from_numpy(g1).float(), torch.from_numpy(g2).float()]
+        ms = median_ms(lambda: off.generate(transf), max(3, iters // 10))
+        rows.append({"mode": "boxes", "settings": {"generator": f"official ({official})", "images": 256},
+                     "box_ms_per_256": ms})
+        row["speedup_vs_official"] = ms / ours
     return rows
 
 
-def bench_data(cfg, workers, iters: int):
+# ----------------------------------------------------------------------------- data
+def bench_data(cfg, workers, iters: int, warmup: int):
     rows = []
+    device = torch.device(_device())
     for w in workers:
-        cfg.defrost()
-        cfg.DATALOADER.NUM_WORKERS = w
-        cfg.DATALOADER.PERSISTENT_WORKERS = False
-        loader, sampler, _ = build_pretrain_loader(cfg, 0)
-        it, n = iter(loader), 0
-        next(it)  # warm-up: workers started
-        t = time.perf_counter()
-        for _ in range(iters):
+        c = cfg.clone()
+        c.defrost()
+        c.DATALOADER.NUM_WORKERS = w
+        loader, sampler, _ = build_pretrain_loader(c, 0)
+        render = BatchedAugmentation.from_config(c, device) if augment_on_device(c) else None
+        it, epoch, times = iter(loader), 0, []
+        for i in range(warmup + iters):
+            t = time.perf_counter()
             try:
                 b = next(it)
             except StopIteration:
-                sampler.set_epoch(sampler.epoch + 1)
+                epoch += 1
+                sampler.set_epoch(epoch)
                 it = iter(loader)
                 b = next(it)
-            n += b["view1"].shape[0]
-        rows.append({"mode": "data", "arch": cfg.MODEL.META_ARCHITECTURE, "workers": w,
-                     "img_per_s": n / (time.perf_counter() - t)})
+            if render is not None:
+                render(b)
+                sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+        del it, loader
+        step = statistics.median(times)
+        rows.append({"mode": "data", "settings": settings(c), "img_per_s": c.SOLVER.IMS_PER_GPU / step,
+                     "step_ms_median": step * 1e3})
     return rows
 
 
-def bench_model(cfg, batch: int, iters: int, warmup: int):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# ----------------------------------------------------------------------------- model
+def bench_model(cfg, iters: int, warmup: int):
+    device = torch.device(_device())
+    batch = cfg.SOLVER.IMS_PER_GPU
     model = build_model(cfg).to(device)  # no classes given: no probe (it costs ~nothing anyway)
     if cfg.MODEL.CHANNELS_LAST:
         model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model, mode=cfg.MODEL.COMPILE.MODE, backend=cfg.MODEL.COMPILE.BACKEND) \
+        if cfg.MODEL.COMPILE.ENABLED else model
     opt = build_optimizer(cfg, model)
     dtype = amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
     S = cfg.INPUT.CROP_SIZE
-    gen = BoxPairGenerator.from_config(cfg)
-    g = np.array([[0, 0, 300, 300, 0]] * batch, float)
-    b1, b2, valid = gen(g, g + np.array([40, 30, -40, -30, 1.0]), np.random.default_rng(0))
+    g1, g2 = release_geometries(batch, cfg)
+    b1, b2, valid = BoxPairGenerator.from_config(cfg)(g1, g2, np.random.default_rng(0))
     data = {"view1": torch.randint(0, 255, (batch, 3, S, S), dtype=torch.uint8),
             "view2": torch.randint(0, 255, (batch, 3, S, S), dtype=torch.uint8),
             "boxes1": torch.from_numpy(b1), "boxes2": torch.from_numpy(b2), "box_valid": torch.from_numpy(valid),
             "label": torch.zeros(batch, dtype=torch.long)}
     data = {k: v.to(device) for k, v in data.items()}
+    data["pair_index"] = torch.from_numpy(np.flatnonzero(valid.reshape(-1))).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(warmup + iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with ctx:
-            out = model(data)
+            out = forward(data)
         loss = sum(v for k, v in out.items() if k.startswith("loss"))
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         model.update_target(0.99)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - t)
     step = statistics.median(times)
-    row = {"mode": "model", "arch": cfg.MODEL.META_ARCHITECTURE, "depth": cfg.MODEL.RESNETS.DEPTH, "batch": batch,
-           "input": S, "amp": str(dtype), "step_ms_median": step * 1e3, "img_per_s": batch / step}
+    row = {"mode": "model", "settings": settings(cfg), "img_per_s": batch / step, "step_ms_median": step * 1e3}
     if device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     return [row]
 
 
+# ----------------------------------------------------------------------------- train
+def bench_train(cfg, iters: int, warmup: int, window: int = 5):
+    """The trainer's real step on real files. Synchronises only every ``window`` steps
+    (so the loader and the GPU overlap as in training) and reports per-step medians."""
+    c = cfg.clone()
+    c.defrost()
+    c.OUTPUT_DIR = tempfile.mkdtemp(prefix="scrl_bench_")
+    c.DATASETS.TEST = ()
+    c.TEST.EVAL_PERIOD = 0
+    c.KNN.PERIOD = 0
+    c.LOG_PERIOD = 10 ** 9  # no logging syncs inside the measured steps
+    c.MODEL.PROBE.ENABLED = False
+    trainer = PretrainTrainer(c)
+    device = trainer.device
+    it, epoch = iter(trainer.loader), 0
+
+    def step():
+        nonlocal it, epoch
+        try:
+            batch = next(it)
+        except StopIteration:
+            epoch += 1
+            trainer.sampler.set_epoch(epoch)
+            it = iter(trainer.loader)
+            batch = next(it)
+        trainer.run_step(batch, 0.0)
+        trainer.pop_window()
+
+    for _ in range(warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    per_step = []
+    t_all = time.perf_counter()
+    for _ in range(max(1, iters // window)):
+        t = time.perf_counter()
+        for _ in range(window):
+            step()
+        sync()
+        per_step.append((time.perf_counter() - t) / window)
+    total = time.perf_counter() - t_all
+    n_steps = len(per_step) * window
+    row = {"mode": "train", "settings": settings(c, data=c.DATASETS.TRAIN[0]),
+           "img_per_s": n_steps * c.SOLVER.IMS_PER_GPU / total, "step_ms_median": statistics.median(per_step) * 1e3}
+    if device.type == "cuda":
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return [row]
+
+
+# ----------------------------------------------------------------------------- main
+def flat(row: dict) -> dict:
+    s = row.get("settings", {})
+    keep = {k: v for k, v in s.items() if k in ("arch", "depth", "batch", "input", "amp", "channels_last",
+                                                  "compile", "workers", "augment_device", "generator")}
+    return {**keep, **{k: v for k, v in row.items() if k not in ("mode", "settings")}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["boxes", "data", "model", "all"])
-    p.add_argument("--config-file", default="configs/demo/scrl_demo.yaml")
-    p.add_argument("--archs", nargs="+", default=["SCRL", "BYOL"])
-    p.add_argument("--batch", type=int, default=0, help="model mode batch (default: SOLVER.IMS_PER_GPU)")
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--json", default="", help="also write the rows to this file")
+    p.add_argument("mode", choices=["train", "model", "data", "boxes"])
+    p.add_argument("--config-file", default="configs/scrl_pretrain.yaml")
+    p.add_argument("--archs", nargs="+", default=None, help="meta-architectures (default: the config's)")
+    p.add_argument("--batch", type=int, default=0, help="images per step (default: SOLVER.IMS_PER_GPU)")
+    p.add_argument("--workers", type=int, nargs="+", default=None,
+                   help="data mode: loader worker counts (default: 1, 2, 4 ... up to the cores)")
+    p.add_argument("--data", default="", help="a folder of images for train/data (default: generated JPEGs)")
+    p.add_argument("--num-images", type=int, default=2048, help="size of the generated JPEG folder")
+    p.add_argument("--iters", type=int, default=20, help="measured steps")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--official-scrl", default="", help="boxes mode: a checkout of kakaobrain/scrl to compare with")
+    p.add_argument("--json", default="", help="write the headline row and all rows to this file")
     p.add_argument("opts", nargs="*", help="config overrides, KEY VALUE")
     args = p.parse_intermixed_args()
+
+    base = get_cfg()
+    base.merge_from_file(args.config_file)
+    base.merge_from_list(args.opts)
+    archs = args.archs or [base.MODEL.META_ARCHITECTURE]
+    if args.mode in ("train", "data"):
+        folder = args.data or write_synthetic_jpegs(
+            os.path.join(tempfile.gettempdir(), f"scrl_bench_jpegs_{args.num_images}"), args.num_images)
+        base.merge_from_list(["DATASETS.TRAIN", f"('images:{folder}',)"])
+    if args.batch:
+        base.merge_from_list(["SOLVER.IMS_PER_GPU", str(args.batch)])
+    if not torch.cuda.is_available():
+        base.merge_from_list(["MODEL.DEVICE", "cpu"])
     rows = []
-    for arch in args.archs:
-        cfg = get_cfg()
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts + ["MODEL.META_ARCHITECTURE", arch])
-        if args.mode in ("boxes", "all") and arch == "SCRL":
-            rows += bench_boxes(cfg, max(args.iters, 20))
-        if args.mode in ("data", "all"):
-            rows += bench_data(cfg, args.workers, args.iters)
-        if args.mode in ("model", "all"):
-            rows += bench_model(cfg, args.batch or cfg.SOLVER.IMS_PER_GPU, args.iters, args.warmup)
-    env = {"device": machine(), "torch": torch.__version__, "config": args.config_file}
-    print(f"machine: {env['device']}; torch {env['torch']}; config {args.config_file}")
-    for mode in dict.fromkeys(r["mode"] for r in rows):
-        print(tabulate([{k: v for k, v in r.items() if k != "mode"} for r in rows if r["mode"] == mode],
-                       headers="keys", floatfmt=".2f", tablefmt="github"))
+    for arch in archs:
+        cfg = base.clone()
+        cfg.merge_from_list(["MODEL.META_ARCHITECTURE", arch])
+        if args.mode == "boxes":
+            rows += bench_boxes(cfg, max(args.iters, 20), args.official_scrl)
+            break
+        if args.mode == "data":
+            workers = args.workers or sorted({1, 2, 4, 8, 12, 16} & set(range(1, (os.cpu_count() or 1) + 1)))
+            rows += bench_data(cfg, workers, args.iters, args.warmup)
+        elif args.mode == "model":
+            rows += bench_model(cfg, args.iters, args.warmup)
+        else:
+            rows += bench_train(cfg, args.iters, args.warmup)
+    env = {"device": machine(), "torch": torch.__version__}
+    print(f"{args.mode}: {env['device']}; torch {env['torch']}; config {args.config_file} {' '.join(args.opts)}")
+    print(tabulate([flat(r) for r in rows], headers="keys", floatfmt=".2f", tablefmt="github"))
     if args.json:
+        headline = max(rows, key=lambda r: r.get("img_per_s", 0.0)) if args.mode != "boxes" else rows[0]
+        out = {"mode": args.mode, **env, **{k: v for k, v in headline.items() if k != "mode"},
+               "config": args.config_file, "opts": args.opts, "rows": [{**env, **r} for r in rows]}
         with open(args.json, "w") as f:
-            json.dump({**env, "rows": rows}, f, indent=1)
+            json.dump(out, f, indent=1)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,12 @@ _C.MODEL.WEIGHTS = ""
 _C.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
 _C.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
 _C.MODEL.CHANNELS_LAST = True
+# torch.compile of the model's forward and loss (first steps are slow while it compiles;
+# a changing number of valid box pairs is handled as a dynamic shape).
+_C.MODEL.COMPILE = CN()
+_C.MODEL.COMPILE.ENABLED = False
+_C.MODEL.COMPILE.MODE = "default"  # "default", "reduce-overhead", "max-autotune"
+_C.MODEL.COMPILE.BACKEND = "inductor"
 
 _C.MODEL.BACKBONE = CN()
 _C.MODEL.BACKBONE.NAME = "build_resnet_backbone"
@@ -104,6 +110,13 @@ _C.INPUT.GAUSSIAN_BLUR_KERNEL_FRACTION = 0.1
 _C.INPUT.GAUSSIAN_BLUR_SIGMA = (0.1, 2.0)
 _C.INPUT.SOLARIZE_PROB = (0.0, 0.2)
 _C.INPUT.SOLARIZE_THRESHOLD = 128
+# Decode a JPEG at 1/2, 1/4 or 1/8 scale when both crops keep at least CROP_SIZE pixels
+# per side (libjpeg DCT scaling: large photographs decode several times faster).
+_C.INPUT.JPEG_DRAFT = True
+# Where views are decoded and augmented: "cpu" (loader workers, PIL) or "device"
+# (the training GPU: nvJPEG decode and batched augmentation of the same parameters,
+# drawn in the workers; for when CPU cores cannot feed the GPU, see README).
+_C.INPUT.AUGMENT_DEVICE = "cpu"
 
 # ---------------------------------------------------------------------------- #
 # Datasets: names registered in scrl_d2.data.DatasetCatalog, or "images:PATH"
@@ -148,6 +161,13 @@ _C.SOLVER.AMP = CN()
 _C.SOLVER.AMP.ENABLED = True
 # "auto": bfloat16 where supported, else float16 with a gradient scaler.
 _C.SOLVER.AMP.DTYPE = "auto"
+# DistributedDataParallel (several processes).
+_C.SOLVER.DDP = CN()
+# Every parameter gets a gradient every step (also in steps without box pairs), so
+# DDP may treat the graph as static: bucket order and rebuilds are fixed once.
+_C.SOLVER.DDP.STATIC_GRAPH = True
+_C.SOLVER.DDP.BUCKET_CAP_MB = 25
+_C.SOLVER.DDP.GRADIENT_AS_BUCKET_VIEW = True
 
 # ---------------------------------------------------------------------------- #
 # Evaluation during pretraining

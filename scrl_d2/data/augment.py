@@ -1,7 +1,7 @@
 """The BYOL two-view augmentation, with each view's geometry recorded.
 
 Each view records ``(top, left, height, width, flipped)``: its crop rectangle in the
-decoded image's pixels and whether it was mirrored, which is all the box-pair
+original image's pixels and whether it was mirrored, which is all the box-pair
 generator needs. Every random draw comes from an explicit ``torch.Generator`` so a
 sample is a pure function of its seed (exact resume, worker-count independence).
 Image operations are torchvision's functional ops on PIL images.
@@ -14,8 +14,9 @@ import torch
 import torchvision.transforms.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms.functional import pil_modes_mapping
 
-__all__ = ["ViewAugmentation", "TwoViewAugmentation", "random_resized_crop_params"]
+__all__ = ["ViewAugmentation", "TwoViewAugmentation", "random_resized_crop_params", "NUM_PARAMS"]
 
 Geometry = Tuple[float, float, float, float, float]
 
@@ -53,9 +54,24 @@ def random_resized_crop_params(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+# A view's random parameters, one float vector per view so that a batch of them is a
+# plain tensor (the GPU path applies them batched). Indices:
+P_TOP, P_LEFT, P_HEIGHT, P_WIDTH, P_FLIP = 0, 1, 2, 3, 4  # the geometry, original pixels
+P_JITTER = 5  # colour jitter applied (0/1)
+P_ORDER = slice(6, 10)  # jitter ops in application order: 0 brightness 1 contrast 2 saturation 3 hue
+P_FACTORS = slice(10, 14)  # each op's factor, indexed by op (identity when the strength is 0)
+P_GRAY, P_BLUR, P_SOLARIZE = 14, 15, 16  # grayscale (0/1); blur (0: none, else factor/sigma); solarize
+NUM_PARAMS = 17
+_IDENTITY = (1.0, 1.0, 1.0, 0.0)
+
+
 @dataclass
 class ViewAugmentation:
-    """One view's recipe (crop, flip, colour jitter, grayscale, blur, solarize)."""
+    """One view's recipe (crop, flip, colour jitter, grayscale, blur, solarize).
+
+    ``sample`` draws a view's parameters (all randomness); ``apply`` renders them on a
+    PIL image on the CPU; :mod:`scrl_d2.data.gpu_augment` renders the same parameters
+    for a whole batch on the GPU."""
 
     size: int = 224
     scale: Tuple[float, float] = (0.2, 1.0)
@@ -85,50 +101,78 @@ class ViewAugmentation:
         if self.blur_type not in ("resize", "gaussian"):
             raise ValueError(f"INPUT.BLUR_TYPE: {self.blur_type!r} is not 'resize' or 'gaussian'")
 
-    def crop_params(self, img: Image.Image, g: torch.Generator) -> Tuple[int, int, int, int]:
-        return random_resized_crop_params(img.width, img.height, self.scale, self.ratio, g)
+    @property
+    def pil_resample(self) -> int:
+        return pil_modes_mapping[self._interp]
+
+    def crop_params(self, width: int, height: int, g: torch.Generator) -> Tuple[int, int, int, int]:
+        return random_resized_crop_params(width, height, self.scale, self.ratio, g)
+
+    def sample(self, crop: Tuple[int, int, int, int], g: torch.Generator) -> torch.Tensor:
+        """The view's parameter vector ``[NUM_PARAMS]`` for a drawn ``crop``."""
+        p = torch.zeros(NUM_PARAMS, dtype=torch.float64)
+        p[P_TOP], p[P_LEFT], p[P_HEIGHT], p[P_WIDTH] = (float(v) for v in crop)
+        p[P_FLIP] = float(_bernoulli(g, self.flip_prob))
+        p[P_ORDER] = torch.arange(4, dtype=torch.float64)
+        p[P_FACTORS] = torch.tensor(_IDENTITY, dtype=torch.float64)
+        if _bernoulli(g, self.color_jitter_prob):
+            p[P_JITTER] = 1.0
+            order = torch.randperm(4, generator=g)  # random order, as torchvision's ColorJitter
+            p[P_ORDER] = order.double()
+            b, c, s, hue = self.color_jitter
+            ranges = ((max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c), (max(0.0, 1 - s), 1 + s), (-hue, hue))
+            for i in order.tolist():
+                if (b, c, s, hue)[i] > 0:
+                    p[P_FACTORS.start + i] = _uniform(g, *ranges[i])
+        p[P_GRAY] = float(_bernoulli(g, self.grayscale_prob))
+        if _bernoulli(g, self.blur_prob):
+            if self.blur_type == "resize":
+                factors = self.resize_blur_factors
+                p[P_BLUR] = factors[int(torch.randint(len(factors), (), generator=g))]
+            else:
+                p[P_BLUR] = _uniform(g, *self.gaussian_sigma)
+        p[P_SOLARIZE] = float(_bernoulli(g, self.solarize_prob))
+        return p
+
+    def apply(self, img: Image.Image, p: torch.Tensor, scale: Tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+        """Render parameters ``p`` on ``img`` -> ``uint8 [3, size, size]``. ``scale``:
+        original pixels per pixel of ``img`` (a JPEG decoded at reduced size)."""
+        top, left, h, w = (float(v) for v in p[:4])
+        sx, sy = scale
+        box = (left / sx, top / sy, (left + w) / sx, (top + h) / sy)
+        out = img.resize((self.size, self.size), self.pil_resample, box=box)
+        if p[P_FLIP] > 0.5:
+            out = F.hflip(out)
+        if p[P_JITTER] > 0.5:
+            ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
+            for i in p[P_ORDER].long().tolist():
+                factor = float(p[P_FACTORS.start + i])
+                if factor != _IDENTITY[i]:
+                    out = ops[i](out, factor)
+        if p[P_GRAY] > 0.5:
+            out = F.rgb_to_grayscale(out, num_output_channels=3)
+        if p[P_BLUR] > 0:
+            out = self._blur(out, float(p[P_BLUR]))
+        if p[P_SOLARIZE] > 0.5:
+            out = F.solarize(out, self.solarize_threshold)
+        return F.pil_to_tensor(out)
 
     def __call__(self, img: Image.Image, g: torch.Generator, crop=None) -> Tuple[torch.Tensor, Geometry]:
-        """Returns a ``uint8 [3, size, size]`` view and its geometry."""
-        top, left, h, w = crop if crop is not None else self.crop_params(img, g)
-        out = F.resized_crop(img, top, left, h, w, [self.size, self.size], self._interp)
-        flipped = _bernoulli(g, self.flip_prob)
-        if flipped:
-            out = F.hflip(out)
-        if _bernoulli(g, self.color_jitter_prob):
-            out = self._jitter(out, g)
-        if _bernoulli(g, self.grayscale_prob):
-            out = F.rgb_to_grayscale(out, num_output_channels=3)
-        if _bernoulli(g, self.blur_prob):
-            out = self._blur(out, g)
-        if _bernoulli(g, self.solarize_prob):
-            out = F.solarize(out, self.solarize_threshold)
-        return F.pil_to_tensor(out), (float(top), float(left), float(h), float(w), float(flipped))
+        """Draw and render one view: ``uint8 [3, size, size]`` and its geometry."""
+        p = self.sample(crop if crop is not None else self.crop_params(img.width, img.height, g), g)
+        return self.apply(img, p), tuple(float(v) for v in p[:5])
 
-    def _jitter(self, img: Image.Image, g: torch.Generator) -> Image.Image:
-        b, c, s, hue = self.color_jitter
-        ops = [
-            (lambda x, f: F.adjust_brightness(x, f), (max(0.0, 1 - b), 1 + b), b),
-            (lambda x, f: F.adjust_contrast(x, f), (max(0.0, 1 - c), 1 + c), c),
-            (lambda x, f: F.adjust_saturation(x, f), (max(0.0, 1 - s), 1 + s), s),
-            (lambda x, f: F.adjust_hue(x, f), (-hue, hue), hue),
-        ]
-        for i in torch.randperm(4, generator=g).tolist():  # random order, as torchvision's
-            fn, (lo, hi), strength = ops[i]
-            if strength > 0:
-                img = fn(img, _uniform(g, lo, hi))
-        return img
+    def blur_kernel_size(self) -> int:
+        return 2 * (int(self.gaussian_kernel_fraction * self.size) // 2) + 1
 
-    def _blur(self, img: Image.Image, g: torch.Generator) -> Image.Image:
+    def _blur(self, img: Image.Image, value: float) -> Image.Image:
         if self.blur_type == "resize":
             # The release's cheap blur: bicubic down-scale by a random factor, then back.
-            f = self.resize_blur_factors[int(torch.randint(len(self.resize_blur_factors), (), generator=g))]
             w, h = img.size
-            small = F.resize(img, [max(1, int(h // f)), max(1, int(w // f))], self._interp)
+            small = F.resize(img, [max(1, int(h // value)), max(1, int(w // value))], self._interp)
             return F.resize(small, [h, w], self._interp)
-        radius = int(self.gaussian_kernel_fraction * self.size) // 2
-        sigma = _uniform(g, *self.gaussian_sigma)
-        return F.gaussian_blur(img, [2 * radius + 1] * 2, [sigma, sigma]) if radius > 0 else img
+        k = self.blur_kernel_size()
+        return F.gaussian_blur(img, [k, k], [value, value]) if k > 1 else img
 
 
 @dataclass

@@ -9,9 +9,9 @@ from ..utils import comm
 from .augment import TwoViewAugmentation
 from .boxes import BoxPairGenerator
 from .catalog import DatasetCatalog, MetadataCatalog, set_datasets_root
-from .datasets import EvalDataset, PretrainDataset, SeededSampler
+from .datasets import EvalDataset, PretrainCollate, PretrainDataset, SeededSampler
 
-__all__ = ["get_dataset_dicts", "build_pretrain_loader", "build_eval_loader", "uses_boxes"]
+__all__ = ["get_dataset_dicts", "build_pretrain_loader", "build_eval_loader", "uses_boxes", "augment_on_device"]
 
 logger = logging.getLogger("scrl_d2.data")
 
@@ -33,6 +33,14 @@ def get_dataset_dicts(names) -> Tuple[List[dict], int]:
 
 def uses_boxes(cfg) -> bool:
     return cfg.MODEL.META_ARCHITECTURE.upper() == "SCRL"
+
+
+def augment_on_device(cfg) -> bool:
+    """Whether views are decoded and augmented on the training device (INPUT.AUGMENT_DEVICE)."""
+    where = cfg.INPUT.AUGMENT_DEVICE
+    if where not in ("cpu", "device"):
+        raise ValueError(f"INPUT.AUGMENT_DEVICE: {where!r} is not 'cpu' or 'device'")
+    return where == "device"
 
 
 def _worker_init(_: int) -> None:
@@ -59,11 +67,12 @@ def build_pretrain_loader(cfg, seed: int) -> Tuple[DataLoader, SeededSampler, in
     dataset = PretrainDataset(
         dicts, TwoViewAugmentation.from_config(cfg), boxes,
         require_overlap=cfg.MODEL.SCRL.REQUIRE_OVERLAP, max_crop_tries=cfg.MODEL.SCRL.MAX_CROP_TRIES,
+        jpeg_draft=cfg.INPUT.JPEG_DRAFT, decode_on_device=augment_on_device(cfg),
     )
     sampler = SeededSampler(len(dataset), cfg.SOLVER.IMS_PER_GPU, seed,
                             rank=comm.get_rank(), world_size=comm.get_world_size())
     loader = DataLoader(dataset, batch_size=cfg.SOLVER.IMS_PER_GPU, sampler=sampler, drop_last=True,
-                        **_loader_kwargs(cfg))
+                        collate_fn=PretrainCollate(boxes), **_loader_kwargs(cfg))
     return loader, sampler, num_classes
 
 

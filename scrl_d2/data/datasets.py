@@ -1,17 +1,22 @@
 """Robust image reading, the two-view pretraining dataset and its seeded sampler."""
+import io
 import logging
+import math
 import warnings
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 from iopath.common.file_io import g_pathmgr
+import torchvision.transforms.functional as TF
 from PIL import Image, ImageFile
+from torch.utils.data import default_collate
 
 from .augment import TwoViewAugmentation
 from .boxes import BoxPairGenerator
 
-__all__ = ["ImageReadError", "read_image", "sample_seed", "PretrainDataset", "EvalDataset", "SeededSampler"]
+__all__ = ["ImageReadError", "read_image", "read_encoded", "sample_seed", "PretrainDataset", "PretrainCollate",
+           "EvalDataset", "SeededSampler"]
 
 logger = logging.getLogger("scrl_d2.data")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is skipped, not half-read
@@ -23,16 +28,28 @@ class ImageReadError(OSError):
     """An image that cannot be decoded; the dataset skips and counts it."""
 
 
-def read_image(path: str) -> Image.Image:
+def read_image(path: str, draft: Optional[Callable[[int, int], Optional[Tuple[int, int]]]] = None) -> Image.Image:
     """Decode ``path`` to an RGB PIL image, converting grayscale, 16-bit, CMYK,
-    palette and alpha images; raises :class:`ImageReadError` naming the file."""
+    palette and alpha images; raises :class:`ImageReadError` naming the file.
+
+    ``draft(width, height)``, called with the stored size before decoding, may return
+    a smaller size that is enough: a JPEG is then decoded at 1/2, 1/4 or 1/8 scale
+    (libjpeg's DCT scaling, far cheaper than decoding and resizing)."""
     try:
         with g_pathmgr.open(path, "rb") as f, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. palette-with-transparency notices
             img = Image.open(f)
+            if draft is not None:
+                target = draft(*img.size)
+                if target is not None and img.format == "JPEG":
+                    img.draft("RGB", target)
             img.load()
     except Exception as e:  # PIL raises several types for bad data
         raise ImageReadError(f"cannot read image {path}: {e}") from e
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
@@ -48,6 +65,25 @@ def read_image(path: str) -> Image.Image:
         canvas.paste(rgba, mask=rgba.getchannel("A"))
         return canvas
     return img.convert("RGB")
+
+
+def read_encoded(path: str) -> Tuple[torch.Tensor, Tuple[int, int], bool]:
+    """The file's bytes (uint8), its ``(width, height)`` from the header and whether it
+    is a baseline RGB JPEG the GPU can decode; other files come back decoded
+    (``uint8 [3, H, W]``). Raises :class:`ImageReadError` naming the file."""
+    try:
+        with g_pathmgr.open(path, "rb") as f:
+            data = f.read()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            size = img.size
+            if img.format == "JPEG" and img.mode == "RGB":
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8), size, True
+            img.load()
+    except Exception as e:
+        raise ImageReadError(f"cannot read image {path}: {e}") from e
+    return TF.pil_to_tensor(to_rgb(img)), size, False
 
 
 def sample_seed(base_seed: int, epoch: int, index: int) -> int:
@@ -67,12 +103,13 @@ class _RobustReader:
         self.dicts = dicts
         self._warned = set()
 
-    def read(self, index: int, rng: np.random.Generator) -> Tuple[Image.Image, dict, int]:
+    def read(self, index: int, rng: np.random.Generator, fn: Callable = read_image):
+        """``(fn(file_name), record, number of files skipped)``."""
         bad = []
         for _ in range(self.max_substitutes):
             d = self.dicts[index]
             try:
-                return read_image(d["file_name"]), d, len(bad)
+                return fn(d["file_name"]), d, len(bad)
             except ImageReadError as e:
                 bad.append(d["file_name"])
                 if d["file_name"] not in self._warned:
@@ -84,52 +121,104 @@ class _RobustReader:
 
 
 class PretrainDataset(torch.utils.data.Dataset):
-    """Two augmented views of an image, their geometry and (SCRL) box pairs.
+    """Two augmented views of an image and their geometry; box pairs are drawn per
+    batch by :class:`PretrainCollate`.
 
     Indexed by ``(index, seed)`` pairs from :class:`SeededSampler`. A sample is a dict:
     ``view1``, ``view2`` (uint8 ``[3, S, S]``), ``geom1``, ``geom2`` (``[5]``),
-    ``label`` (-1 when unlabelled), ``skipped`` (unreadable files replaced) and, when a
-    box generator is given, ``boxes1``, ``boxes2`` (``[K, 4]``) and ``box_valid`` (``[K]``).
+    ``label`` (-1 when unlabelled), ``skipped`` (unreadable files replaced) and
+    ``seed``. With ``decode_on_device`` the views are not rendered: the sample holds
+    the encoded file (``data``, ``is_jpeg``) and each view's parameters (``params1``,
+    ``params2``) for :class:`~scrl_d2.data.gpu_augment.BatchedAugmentation`.
+    ``jpeg_draft``: decode a JPEG at the smallest 1/2^k scale that still gives both
+    crops at least the output resolution.
     """
 
     def __init__(self, dicts: List[dict], augmentation: TwoViewAugmentation,
                  box_generator: Optional[BoxPairGenerator] = None, require_overlap: bool = False,
-                 max_crop_tries: int = 10) -> None:
+                 max_crop_tries: int = 10, jpeg_draft: bool = True, decode_on_device: bool = False) -> None:
         self.reader = _RobustReader(dicts)
         self.augmentation = augmentation
         self.box_generator = box_generator
         self.require_overlap = require_overlap and box_generator is not None
         self.max_crop_tries = max_crop_tries
+        self.jpeg_draft = jpeg_draft
+        self.decode_on_device = decode_on_device
 
     def __len__(self) -> int:
         return len(self.reader.dicts)
+
+    def _crops(self, width: int, height: int, g: torch.Generator):
+        aug1, aug2 = self.augmentation.views
+        crop1 = aug1.crop_params(width, height, g)
+        crop2 = aug2.crop_params(width, height, g)
+        if self.require_overlap:
+            for _ in range(self.max_crop_tries):
+                if self.box_generator.views_overlap((*crop1, 0), (*crop2, 0)):
+                    break
+                crop2 = aug2.crop_params(width, height, g)
+        return crop1, crop2
 
     def __getitem__(self, key: Tuple[int, int]) -> dict:
         index, seed = key
         g = torch.Generator().manual_seed(seed)
         rng = np.random.default_rng(seed)
-        img, d, skipped = self.reader.read(index, rng)
         aug1, aug2 = self.augmentation.views
-        crop1 = aug1.crop_params(img, g)
-        crop2 = aug2.crop_params(img, g)
-        if self.require_overlap:
-            for _ in range(self.max_crop_tries):
-                if self.box_generator.views_overlap((*crop1, 0), (*crop2, 0)):
-                    break
-                crop2 = aug2.crop_params(img, g)
-        v1, geom1 = aug1(img, g, crop=crop1)
-        v2, geom2 = aug2(img, g, crop=crop2)
-        out = {
-            "view1": v1, "view2": v2,
-            "geom1": torch.tensor(geom1, dtype=torch.float64),
-            "geom2": torch.tensor(geom2, dtype=torch.float64),
-            "label": d.get("label", -1), "skipped": skipped,
-        }
-        if self.box_generator is not None:
-            b1, b2, valid = self.box_generator(np.array([geom1]), np.array([geom2]), rng)
-            out.update(boxes1=torch.from_numpy(b1[0]), boxes2=torch.from_numpy(b2[0]),
-                       box_valid=torch.from_numpy(valid[0]))
+        out = {"seed": seed}
+        if self.decode_on_device:
+            (data, size, is_jpeg), d, skipped = self.reader.read(index, rng, read_encoded)
+            crop1, crop2 = self._crops(*size, g)
+            out.update(data=data, is_jpeg=is_jpeg)
+        else:
+            crops, stored = [], []
+
+            def plan(width: int, height: int):  # crops are drawn from the stored size
+                crops[:], stored[:] = self._crops(width, height, g), (width, height)
+                return self._draft_size(width, height, crops) if self.jpeg_draft else None
+
+            img, d, skipped = self.reader.read(index, rng, lambda path: read_image(path, plan))
+            crop1, crop2 = crops
+        p1, p2 = aug1.sample(crop1, g), aug2.sample(crop2, g)
+        if not self.decode_on_device:
+            scale = (stored[0] / img.width, stored[1] / img.height)  # > 1 after a draft decode
+            out.update(view1=aug1.apply(img, p1, scale), view2=aug2.apply(img, p2, scale))
+        else:
+            out.update(params1=p1, params2=p2)
+        out.update(geom1=p1[:5].clone(), geom2=p2[:5].clone(), label=d.get("label", -1), skipped=skipped)
         return out
+
+    def _draft_size(self, width: int, height: int, crops) -> Optional[Tuple[int, int]]:
+        S = self.augmentation.views[0].size
+        smallest = min(min(h, w) for _, _, h, w in crops)
+        r = 1
+        while r < 8 and smallest / (2 * r) >= S:
+            r *= 2
+        return (math.ceil(width / r), math.ceil(height / r)) if r > 1 else None
+
+class PretrainCollate:
+    """Stacks a batch and draws its box pairs in one vectorised call, in the loader's
+    worker: the training thread gets ready boxes and the indices of the valid pairs
+    (``pair_index``, computed here so the model never waits on a device->host read).
+
+    The batch's generator is seeded by its samples' seeds: a batch, and so a resumed
+    run, is reproducible whatever the number of workers."""
+
+    def __init__(self, box_generator: Optional[BoxPairGenerator] = None) -> None:
+        self.box_generator = box_generator
+
+    def __call__(self, samples: List[dict]) -> Dict[str, torch.Tensor]:
+        ragged = {k: [s.pop(k) for s in samples] for k in ("data", "is_jpeg") if k in samples[0]}
+        batch = default_collate(samples)
+        if ragged:
+            batch["data"] = ragged["data"]  # encoded files differ in length: a list
+            batch["is_jpeg"] = torch.tensor(ragged["is_jpeg"])
+        if self.box_generator is not None:
+            rng = np.random.default_rng([int(s) for s in batch["seed"]])
+            b1, b2, valid = self.box_generator(batch["geom1"].numpy(), batch["geom2"].numpy(), rng)
+            batch.update(boxes1=torch.from_numpy(b1), boxes2=torch.from_numpy(b2),
+                         box_valid=torch.from_numpy(valid),
+                         pair_index=torch.from_numpy(np.flatnonzero(valid.reshape(-1))))
+        return batch
 
 
 class EvalDataset(torch.utils.data.Dataset):

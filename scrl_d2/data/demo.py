@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from . import catalog
 
-__all__ = ["DEMO_CLASSES", "DEMO_SPLITS", "demo_root", "ensure_demo_images", "demo_dicts", "render_demo_image"]
+__all__ = ["DEMO_CLASSES", "DEMO_SPLITS", "demo_root", "ensure_demo_images", "demo_dicts", "render_demo_image",
+           "write_synthetic_jpegs"]
 
 DEMO_CLASSES = ("disc", "square", "triangle", "cross")
 DEMO_SPLITS = {"train": (512, 1), "val": (128, 2)}  # images, seed
@@ -119,3 +120,22 @@ def ensure_demo_images(root: str = "") -> str:
 def demo_dicts(split: str) -> List[dict]:
     root = ensure_demo_images()
     return catalog.class_folder_dicts(os.path.join(root, split), f"scrl_demo_{split}")
+
+
+def write_synthetic_jpegs(root: str, count: int, size=(500, 375), seed: int = 0, quality: int = 90) -> str:
+    """A folder of ``count`` photograph-like JPEGs of ``size`` (default: an average
+    ImageNet image) for throughput measurements: smooth colour fields, texture, shapes
+    and sensor-like noise, so files and decode costs resemble real photographs
+    (~100 KB each). Written once, atomically; returns ``root``."""
+    w, h = size
+
+    def fill(tmp: str) -> None:
+        rng = np.random.default_rng(seed)
+        for i in range(count):
+            img, _ = render_demo_image(rng)
+            img = img.resize((w, h), Image.BICUBIC)
+            arr = np.asarray(img, dtype=np.int16) + rng.integers(-12, 13, size=(h, w, 3), dtype=np.int16)
+            Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(
+                os.path.join(tmp, f"{i:06d}.jpg"), quality=quality)
+
+    return generate_once(root, f"jpeg-{w}x{h}-{seed}-{quality}", fill)

@@ -13,6 +13,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ..backend import backend_name
 from ..checkpoint import Checkpointer, LayoutError, extract_encoder, load_checkpoint_file
 from ..data import build_eval_loader, build_pretrain_loader
+from ..data.build import augment_on_device
+from ..data.gpu_augment import BatchedAugmentation
 from ..modeling import build_model
 from ..solver import build_lr_scheduler, build_momentum_scheduler, build_optimizer, scaled_lr
 from ..utils import comm
@@ -54,11 +56,15 @@ def _set_rng_state(state: Dict) -> None:
 
 
 def count_pairs(batch: Dict[str, torch.Tensor]) -> int:
-    """Pairs that produce a loss this step (SCRL needs >= 2 boxes for its heads' BN)."""
-    if "box_valid" in batch:
+    """Pairs that produce a loss this step (SCRL needs >= 2 boxes for its heads' BN),
+    read from host tensors only."""
+    if "pair_index" in batch:
+        n = batch["pair_index"].numel()
+    elif "box_valid" in batch:
         n = int(batch["box_valid"].sum())
-        return n if n >= 2 else 0
-    return int(batch["view1"].shape[0])
+    else:
+        return int(batch["geom1"].shape[0])
+    return n if n >= 2 else 0
 
 
 class PretrainTrainer:
@@ -87,13 +93,21 @@ class PretrainTrainer:
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.dtype == torch.float16 and self.device.type == "cuda")
         logger.info(f"mixed precision: {self.dtype or 'off'}; channels_last: {cfg.MODEL.CHANNELS_LAST}")
+        ddp = cfg.SOLVER.DDP
         if self.world_size > 1:
             self.ddp = DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                gradient_as_bucket_view=True,
+                gradient_as_bucket_view=ddp.GRADIENT_AS_BUCKET_VIEW, static_graph=ddp.STATIC_GRAPH,
+                bucket_cap_mb=ddp.BUCKET_CAP_MB,
             )
         else:
             self.ddp = model
+        self.forward = self.ddp
+        if cfg.MODEL.COMPILE.ENABLED:
+            self.forward = torch.compile(self.ddp, mode=cfg.MODEL.COMPILE.MODE, backend=cfg.MODEL.COMPILE.BACKEND)
+            logger.info(f"torch.compile: mode {cfg.MODEL.COMPILE.MODE}, backend {cfg.MODEL.COMPILE.BACKEND}")
+        self.device_augment = (BatchedAugmentation.from_config(cfg, self.device)
+                               if augment_on_device(cfg) else None)
         self.iters_per_epoch = len(self.loader)
         self.max_epoch = cfg.SOLVER.EPOCHS
         self.max_iter = self.iters_per_epoch * self.max_epoch
@@ -247,10 +261,14 @@ class PretrainTrainer:
         self.lr = self.lr_schedule(self.iter)
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr
+        if self.device_augment is not None:
+            batch = self.device_augment(batch)  # decode + views on the device
         self.skipped_images += int(batch.pop("skipped").sum())
-        pairs = count_pairs(batch)
+        pairs = count_pairs(batch)  # host tensors only: no device sync
         if self.world_size > 1:
             pairs = int(comm.all_reduce_cpu_sum(pairs))
+        batch.pop("seed", None)
+        # Pinned host memory -> device, each view on its own (no host-side concatenation).
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         values: Dict[str, torch.Tensor] = {}
         if pairs == 0:
@@ -262,7 +280,7 @@ class PretrainTrainer:
             autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None
                         else contextlib.nullcontext())
             with autocast:
-                out = self.ddp(batch)
+                out = self.forward(batch)
             losses = {k: v for k, v in out.items() if k.startswith("loss")}
             total = sum(losses.values())
             self.optimizer.zero_grad(set_to_none=True)

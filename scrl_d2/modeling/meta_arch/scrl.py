@@ -40,10 +40,14 @@ class SCRL(BYOL):
         img = torch.arange(B, device=boxes1.device, dtype=boxes1.dtype).view(B, 1, 1).expand(B, K, 1)
         rois1 = torch.cat([img, boxes1], dim=2).view(-1, 5)
         rois2 = torch.cat([img + B, boxes2], dim=2).view(-1, 5)
-        flat = valid.reshape(-1)
-        num = int(flat.sum())
+        # The loader computes the valid pairs' indices on the host (PretrainCollate), so
+        # their number is known without reading a device tensor back.
+        idx = batch.get("pair_index")
+        if idx is None:
+            idx = valid.reshape(-1).nonzero().squeeze(1)
+        num = idx.numel()
         if num >= 2:
-            idx = flat.nonzero().squeeze(1).to(rois1.device)
+            idx = idx.to(rois1.device, non_blocking=True)
             rois, weight = torch.cat([rois1[idx], rois2[idx]]), None
         else:
             # Too few pairs for the heads' batch norm: run every box with zero weight, so
