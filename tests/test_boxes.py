@@ -133,8 +133,8 @@ def test_stream_acceptance_equals_the_slot_by_slot_rule(thr, tries, stream):
     usable, *_ = gen._intersection(g1, g2)
     geo_rows = np.flatnonzero(usable)
     assert geo_rows.size > 10
-    I = gen._intersection(g1[geo_rows], g2[geo_rows])
-    geo = (g1[geo_rows], g2[geo_rows], *I[1:7], I[7])
+    inter = gen._intersection(g1[geo_rows], g2[geo_rows])
+    geo = (g1[geo_rows], g2[geo_rows], *inter[1:7], inter[7])
     grid = gen._accept(geo, rng)  # [4, n', K]
     for i in range(geo_rows.size):
         seq, pos, chosen = np.array(seqs[i]), 0, []

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as F
+from conftest import make_image_folder, tiny_cfg
 from PIL import Image
 
-from conftest import make_image_folder, tiny_cfg
 from scrl_d2.data import DatasetCatalog, PretrainDataset, TwoViewAugmentation, build_pretrain_loader, read_image
 from scrl_d2.data.boxes import BoxPairGenerator, view_to_original
 from scrl_d2.data.datasets import PretrainCollate, SeededSampler

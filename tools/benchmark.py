@@ -123,6 +123,7 @@ def bench_data(cfg, workers, iters: int, warmup: int):
         c = cfg.clone()
         c.defrost()
         c.DATALOADER.NUM_WORKERS = w
+        c.SEED = max(c.SEED, 0)
         loader, sampler, _ = build_pretrain_loader(c, 0)
         render = BatchedAugmentation.from_config(c, device) if augment_on_device(c) else None
         it, epoch, times = iter(loader), 0, []
@@ -205,6 +206,7 @@ def bench_train(cfg, iters: int, warmup: int, window: int = 5):
     c.KNN.PERIOD = 0
     c.LOG_PERIOD = 10 ** 9  # no logging syncs inside the measured steps
     c.MODEL.PROBE.ENABLED = False
+    c.SEED = max(c.SEED, 0)
     trainer = PretrainTrainer(c)
     device = trainer.device
     it, epoch = iter(trainer.loader), 0

@@ -14,6 +14,7 @@ from scrl_d2.config import get_cfg
 from scrl_d2.data import PretrainDataset, TwoViewAugmentation, get_dataset_dicts
 from scrl_d2.data.boxes import BoxPairGenerator
 from scrl_d2.data.catalog import set_datasets_root
+from scrl_d2.data.datasets import PretrainCollate
 
 
 def render(sample: dict, scale: int) -> Image.Image:
@@ -50,11 +51,15 @@ def main() -> None:
     cfg.merge_from_list(args.opts)
     set_datasets_root(cfg.DATASETS.ROOT)
     dicts, _ = get_dataset_dicts(cfg.DATASETS.TRAIN)
-    ds = PretrainDataset(dicts, TwoViewAugmentation.from_config(cfg), BoxPairGenerator.from_config(cfg))
+    gen = BoxPairGenerator.from_config(cfg)
+    ds = PretrainDataset(dicts, TwoViewAugmentation.from_config(cfg), gen)
+    collate = PretrainCollate(gen)
     scale = args.scale or max(1, 300 // cfg.INPUT.CROP_SIZE)
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(ds), generator=g)[: args.num_images].tolist()
-    rows = [render(ds[(i, args.seed * 100003 + i)], scale) for i in idx]
+    batch = collate([ds[(i, args.seed * 100003 + i)] for i in idx])
+    rows = [render({k: batch[k][j] for k in ("view1", "view2", "boxes1", "boxes2", "box_valid")}, scale)
+            for j in range(len(idx))]
     sheet = Image.new("RGB", (rows[0].width, sum(r.height + 8 for r in rows)), "white")
     y = 0
     for r in rows:

@@ -184,24 +184,31 @@ class BoxPairGenerator:
             picks = np.zeros((p, steps), dtype=np.int64)
             lo = np.empty((2, p, c), dtype=cand.dtype)
             hi = np.empty((2, p, c), dtype=cand.dtype)
+            flat, half_flat, base = cand.reshape(4, p * c), half.reshape(-1), rows * c
             first_ok = alive.any(axis=1)
             for k in range(steps):
                 # The first live candidate: everything before it was rejected, and the
                 # pick rejects itself (IoU 1) and all candidates too close to it.
                 idx = picks[:, k] = alive.argmax(axis=1)
-                picked = cand[:, rows, idx][:, :, None]
+                at = base + idx
+                picked = flat.take(at, axis=1)[:, :, None]
                 np.maximum(cand[:2], picked[:2], out=lo)
                 np.minimum(cand[2:], picked[2:], out=hi)
                 hi -= lo
                 np.maximum(hi, 0.0, out=hi)
-                alive &= hi[0] * hi[1] < half + half[rows, idx][:, None]
+                alive &= hi[0] * hi[1] < half + half_flat.take(at)[:, None]
+                if not alive.any():  # every stream is dry (typical of the few later rounds)
+                    break
             # Picks of a row strictly increase until its stream is dry (argmax of an
             # all-rejected row is 0).
             found = np.concatenate([first_ok[:, None], picks[:, 1:] > picks[:, :-1]], axis=1)
             found = np.logical_and.accumulate(found, axis=1)
         found &= (fill[:, None] + np.arange(steps)[None]) < K
-        r, k = np.nonzero(found)
-        out[:, r, fill[r] + k] = cand[:, r, picks[r, k]]
+        if not fill.any():  # first round: slots are the step numbers (unfound ones are refilled later)
+            out[:, :, :steps] = np.take_along_axis(cand, np.broadcast_to(picks, (4, p, steps)), axis=2)
+        else:
+            r, k = np.nonzero(found)
+            out[:, r, fill[r] + k] = cand[:, r, picks[r, k]]
         count = found.sum(axis=1)
         last = np.where(count > 0, picks[rows, np.maximum(count - 1, 0)], -1)
         fill = fill + count
@@ -240,18 +247,19 @@ class BoxPairGenerator:
                      + grid units * (view scale / grid scale)."""
         g1, g2, int_l, int_t, _, _, swmin, shmin, (sw1, sh1, sw2, sh2) = geo
         S = float(self.input_size)
-        g = np.stack([g1, g2])  # [2 views, n, 5]
-        scale = np.stack([np.stack([sw1, sh1]), np.stack([sw2, sh2])])  # [2 views, 2 axes, n]
-        off = (np.stack([int_l, int_t])[None] - g[:, :, [1, 0]].transpose(0, 2, 1)) * scale
-        ratio = scale / np.stack([swmin, shmin])[None]
-        v = np.concatenate([grid[:2][None] * ratio[..., None] + off[..., None],
-                            grid[2:][None] * ratio[..., None] + off[..., None]], axis=1)  # [2, 4, n, K]
-        flip = (g[:, :, 4] > 0.5)[:, :, None]  # [2 views, n, 1]
-        x0 = np.where(flip, S - v[:, 2], v[:, 0])
-        v[:, 2] = np.where(flip, S - v[:, 0], v[:, 2])
-        v[:, 0] = x0
-        v = v.transpose(0, 2, 3, 1)  # [2, n, K, 4]
-        v1, v2 = v[0], v[1]
+        views = []
+        for g, sw, sh in ((g1, sw1, sh1), (g2, sw2, sh2)):
+            ratio = np.stack([sw / swmin, sh / shmin] * 2)[:, :, None]  # [4, n, 1]
+            off = np.stack([(int_l - g[:, 1]) * sw, (int_t - g[:, 0]) * sh] * 2)[:, :, None]
+            v = grid * ratio
+            v += off
+            flip = (g[:, 4] > 0.5)[:, None]
+            if flip.any():
+                x0 = np.where(flip, S - v[2], v[0])
+                v[2] = np.where(flip, S - v[0], v[2])
+                v[0] = x0
+            views.append(v)
+        v1, v2 = views
         if self.jitter:
             v2 = self._jitter(v2, rng)
         return self._clip(v1), self._clip(v2)
@@ -259,13 +267,13 @@ class BoxPairGenerator:
     def _jitter(self, c: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """The release's jitter of the second view's box: shift and rescale each side."""
         j = rng.uniform(1.0 - self.jitter_ratio, 1.0 + self.jitter_ratio, size=c.shape)
-        w, h = c[..., 2] - c[..., 0], c[..., 3] - c[..., 1]
-        l = c[..., 0] + w * (j[..., 0] - 1)
-        t = c[..., 1] + h * (j[..., 1] - 1)
-        return np.stack([l, t, l + w * j[..., 2], t + h * j[..., 3]], axis=-1)
+        w, h = c[2] - c[0], c[3] - c[1]
+        x0 = c[0] + w * (j[0] - 1)
+        y0 = c[1] + h * (j[1] - 1)
+        return np.stack([x0, y0, x0 + w * j[2], y0 + h * j[3]])
 
     def _clip(self, b: np.ndarray) -> np.ndarray:
-        out = np.empty(b.shape, dtype=np.float32)
-        np.maximum(b[..., :2], 0.0, out=out[..., :2])
-        np.minimum(b[..., 2:], float(self.input_size), out=out[..., 2:])
-        return out
+        """``[4, n, K]`` -> ``[n, K, 4]`` float32, left/top >= 0 and right/bottom <= size."""
+        np.maximum(b[:2], 0.0, out=b[:2])
+        np.minimum(b[2:], float(self.input_size), out=b[2:])
+        return b.transpose(1, 2, 0).astype(np.float32)

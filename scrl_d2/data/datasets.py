@@ -7,8 +7,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-from iopath.common.file_io import g_pathmgr
 import torchvision.transforms.functional as TF
+from iopath.common.file_io import g_pathmgr
 from PIL import Image, ImageFile
 from torch.utils.data import default_collate
 
@@ -252,6 +252,9 @@ class SeededSampler(torch.utils.data.Sampler):
 
     def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True) -> None:
+        if seed < 0:
+            raise ValueError(f"SeededSampler: seed must be >= 0, got {seed} (a negative SEED is replaced by a "
+                             "random one in default_setup; set SEED when building a trainer by hand)")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         self.epoch = 0

@@ -22,7 +22,15 @@ from torchvision.ops import roi_align
 from torchvision.transforms import _functional_tensor as TFT
 
 from .augment import (
-    P_BLUR, P_FACTORS, P_FLIP, P_GRAY, P_JITTER, P_ORDER, P_SOLARIZE, TwoViewAugmentation, ViewAugmentation,
+    P_BLUR,
+    P_FACTORS,
+    P_FLIP,
+    P_GRAY,
+    P_JITTER,
+    P_ORDER,
+    P_SOLARIZE,
+    TwoViewAugmentation,
+    ViewAugmentation,
 )
 
 __all__ = ["BatchedAugmentation"]
@@ -75,9 +83,7 @@ class BatchedAugmentation:
     def __init__(self, augmentation: TwoViewAugmentation, device: torch.device, chunk: int = 64):
         self.views: List[ViewAugmentation] = augmentation.views
         self.device = torch.device(device)
-        self.chunk = chunk
-        # roi_align in half precision on the GPU (exact enough for 8-bit output).
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.chunk = chunk  # images padded together (a 64 x 3 x 500 x 500 float32 chunk is 190 MB)
         self.skipped = 0
 
     @classmethod
@@ -149,7 +155,7 @@ class BatchedAugmentation:
         params = (batch["params1"], batch["params2"])
         views = ([], [])
         for s in range(0, len(images), self.chunk):
-            chunk = images[s:s + self.chunk]
+            chunk = self._pad(images[s:s + self.chunk])
             for v, p in enumerate(params):
                 views[v].append(self._geometry(chunk, p[s:s + self.chunk], self.views[v].size))
         for v, p in enumerate(params):
@@ -160,18 +166,22 @@ class BatchedAugmentation:
             batch.pop(k, None)
         return batch
 
-    def _geometry(self, images: List[torch.Tensor], p: torch.Tensor, size: int) -> torch.Tensor:
-        """Crop rectangle -> ``size x size`` (area-averaged bilinear), then the flip."""
+    def _pad(self, images: List[torch.Tensor]) -> torch.Tensor:
         H = max(img.shape[1] for img in images)
         W = max(img.shape[2] for img in images)
-        padded = torch.zeros((len(images), 3, H, W), dtype=self.dtype, device=self.device)
+        padded = torch.zeros((len(images), 3, H, W), dtype=torch.float32, device=self.device)
         for i, img in enumerate(images):
             padded[i, :, :img.shape[1], :img.shape[2]] = img
+        return padded
+
+    def _geometry(self, padded: torch.Tensor, p: torch.Tensor, size: int) -> torch.Tensor:
+        """Crop rectangle -> ``size x size`` (area-averaged bilinear), then the flip.
+        float32 throughout: crop coordinates must stay exact to a fraction of a pixel."""
         top, left, h, w = p[:, 0], p[:, 1], p[:, 2], p[:, 3]
-        rois = torch.stack([torch.arange(len(images), dtype=torch.float64), left, top, left + w, top + h], 1)
+        rois = torch.stack([torch.arange(len(p), dtype=torch.float64), left, top, left + w, top + h], 1)
         # aligned=True: pixel i spans [i, i + 1], as PIL's resize box; sampling adapts to
         # ceil(crop / size) points per output pixel, an area average when shrinking.
-        out = roi_align(padded, rois.to(self.device, self.dtype), (size, size), 1.0, -1, True)
+        out = roi_align(padded, rois.to(self.device, torch.float32), (size, size), 1.0, -1, True)
         flip = p[:, P_FLIP] > 0.5
         if flip.any():
             idx = flip.nonzero().squeeze(1).to(self.device)

@@ -66,8 +66,8 @@ def launch(main_func: Callable, num_gpus_per_machine: int, num_machines: int = 1
         from detectron2.engine import launch as d2_launch
 
         print(f"[scrl_d2] starting {num_gpus_per_machine} processes with detectron2.engine.launch", flush=True)
-        d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines, machine_rank=machine_rank,
-                  dist_url=url, args=args, timeout=timeout)
+        d2_launch(_run_then_tear_down, num_gpus_per_machine, num_machines=num_machines,
+                  machine_rank=machine_rank, dist_url=url, args=(main_func, *args), timeout=timeout)
         return
     print(f"[scrl_d2] starting {num_gpus_per_machine} processes ({'nccl' if torch.cuda.is_available() else 'gloo'})",
           flush=True)
@@ -76,6 +76,17 @@ def launch(main_func: Callable, num_gpus_per_machine: int, num_machines: int = 1
         args=(main_func, world_size, num_gpus_per_machine, machine_rank, url, args, timeout),
         daemon=False, start_method="spawn",
     )
+
+
+def _run_then_tear_down(main_func: Callable, *args) -> None:
+    """Detectron2's launch leaves the process group to interpreter exit, where gloo's
+    threads can abort the process; close it once every process is done."""
+    try:
+        main_func(*args)
+    finally:
+        if dist.is_initialized():
+            comm.synchronize()
+            dist.destroy_process_group()
 
 
 def _distributed_worker(local_rank: int, main_func: Callable, world_size: int, num_gpus_per_machine: int,
