@@ -79,7 +79,7 @@ class MetricsWriter(HookBase):
         scalars: Dict[str, float] = {}
         for key in sorted({k for w in window for k in w["values"]}):
             vals = [w["values"][key] for w in window if key in w["values"]]
-            scalars[key] = float(torch.stack([v.detach().float().cpu() for v in vals]).mean())
+            scalars[key] = float(torch.stack([v.detach().float() for v in vals]).mean())  # one read per key
         step_time = sum(w["time"] for w in window) / len(window)
         data_time = sum(w["data_time"] for w in window) / len(window)
         ims = t.global_batch / step_time if step_time > 0 else 0.0

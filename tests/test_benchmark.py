@@ -1,0 +1,48 @@
+"""tools/benchmark.py: every mode runs on a CPU and writes the documented JSON keys."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+BENCH = os.path.join(ROOT, "tools", "benchmark.py")
+TINY = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.BYOL.PROJECTOR_HIDDEN_DIM", "64",
+        "MODEL.BYOL.PREDICTOR_HIDDEN_DIM", "64", "MODEL.BYOL.PROJECTION_DIM", "32", "MODEL.SCRL.MIN_SIZE", "16",
+        "INPUT.CROP_SIZE", "64", "SOLVER.AMP.ENABLED", "False"]
+
+
+def bench(tmp_path, *args):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # the generated JPEG folder goes here
+    r = subprocess.run([sys.executable, BENCH, *args, "--json", str(out)], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return json.loads(out.read_text()), r.stdout
+
+
+def test_boxes_mode(tmp_path):
+    res, stdout = bench(tmp_path, "boxes", "--iters", "3")
+    assert res["mode"] == "boxes" and res["box_ms_per_256"] > 0 and "torch" in res and "device" in res
+    assert "box_ms_per_256" in stdout
+
+
+@pytest.mark.parametrize("mode,extra", [
+    ("model", ["--batch", "4"]),
+    ("data", ["--batch", "8", "--workers", "0", "1"]),
+    ("train", ["--batch", "8", "DATALOADER.NUM_WORKERS", "1"]),
+])
+def test_throughput_modes(tmp_path, mode, extra):
+    res, _ = bench(tmp_path, mode, *TINY, "--iters", "2", "--warmup", "1", "--num-images", "24", *extra)
+    assert res["mode"] == mode and res["img_per_s"] > 0 and res["step_ms_median"] > 0
+    assert res["settings"]["arch"] == "SCRL" and res["settings"]["depth"] == 18
+    if mode == "data":
+        assert [r["settings"]["workers"] for r in res["rows"]] == [0, 1]
+    if mode == "train":  # a real JPEG folder was generated: 500x375 files
+        from PIL import Image
+
+        folder = res["settings"]["data"].split(":", 1)[1]
+        files = sorted(os.listdir(folder))
+        assert len([f for f in files if f.endswith(".jpg")]) == 24
+        assert Image.open(os.path.join(folder, files[-1])).size == (500, 375)
