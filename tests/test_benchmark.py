@@ -46,3 +46,13 @@ def test_throughput_modes(tmp_path, mode, extra):
         files = sorted(os.listdir(folder))
         assert len([f for f in files if f.endswith(".jpg")]) == 24
         assert Image.open(os.path.join(folder, files[-1])).size == (500, 375)
+
+
+def test_parity_mode_compares_speed_options_with_the_plain_path(tmp_path):
+    res, stdout = bench(tmp_path, "parity", *TINY, "SOLVER.IMS_PER_GPU", "4", "--iters", "3",
+                        "--variants", "channels_last", "bf16")
+    assert res["mode"] == "parity" and res["same_loss"] is True
+    variants = [r["settings"]["variant"] for r in res["rows"]]
+    assert variants == ["plain", "channels_last", "bf16"]
+    assert all(len(r["losses"]) == 3 for r in res["rows"])
+    assert res["rows"][1]["max_rel_diff"] <= 1e-3 and "same_loss" in stdout

@@ -5,6 +5,7 @@
     python tools/benchmark.py model --config-file configs/scrl_pretrain.yaml     # batches already on the device
     python tools/benchmark.py data  --config-file configs/scrl_pretrain.yaml --workers 1 4 8 16
     python tools/benchmark.py boxes --official-scrl ~/src/scrl                   # box pairs per 256 images
+    python tools/benchmark.py parity --config-file configs/scrl_pretrain.yaml    # speed options: same loss?
 
 ``train`` runs PretrainTrainer's own step (loader, transfer, forward, backward, LARS,
 EMA) on a folder of JPEGs (``--data``; by default a generated folder of 500x375 JPEGs,
@@ -12,8 +13,9 @@ the size of an average ImageNet photograph). ``model`` feeds tensors already on 
 device. ``data`` times the loader alone (decode, two views, box pairs; with
 INPUT.AUGMENT_DEVICE device, also the device rendering). ``boxes`` times the box-pair
 generator per 256 images on one core, and the official generator when given its
-checkout. Figures are medians over steady-state steps after warm-up; an image is one
-pair of views. Config overrides go last (KEY VALUE ...), e.g. SOLVER.AMP.DTYPE float16
+checkout. ``parity`` runs a few steps with each speed option and with the plain path
+(fp32, NCHW, eager) from the same weights and batches and compares the losses.
+Figures are medians over steady-state steps after warm-up; an image is one pair of views. Config overrides go last (KEY VALUE ...), e.g. SOLVER.AMP.DTYPE float16
 MODEL.CHANNELS_LAST False MODEL.COMPILE.ENABLED True. ``--json FILE`` writes the
 headline row (mode, device, torch, settings, img_per_s, step_ms_median, peak_mem_gib,
 box_ms_per_256, as they apply) with every row under ``rows``.
@@ -149,10 +151,29 @@ def bench_data(cfg, workers, iters: int, warmup: int):
 
 
 # ----------------------------------------------------------------------------- model
-def bench_model(cfg, iters: int, warmup: int):
-    device = torch.device(_device())
+def synthetic_batch(cfg, device: torch.device, seed: int = 0) -> dict:
+    """A batch as the loader delivers it (uint8 views, box pairs, pair indices), on the device."""
     batch = cfg.SOLVER.IMS_PER_GPU
+    S = cfg.INPUT.CROP_SIZE
+    g = torch.Generator().manual_seed(seed)
+    g1, g2 = release_geometries(batch, cfg, seed)
+    b1, b2, valid = BoxPairGenerator.from_config(cfg)(g1, g2, np.random.default_rng(seed))
+    data = {"view1": torch.randint(0, 255, (batch, 3, S, S), dtype=torch.uint8, generator=g),
+            "view2": torch.randint(0, 255, (batch, 3, S, S), dtype=torch.uint8, generator=g),
+            "boxes1": torch.from_numpy(b1), "boxes2": torch.from_numpy(b2), "box_valid": torch.from_numpy(valid),
+            "label": torch.zeros(batch, dtype=torch.long),
+            "pair_index": torch.from_numpy(np.flatnonzero(valid.reshape(-1)))}
+    return {k: v.to(device) for k, v in data.items()}
+
+
+def run_steps(cfg, batches, warmup: int = 0, state=None, sync_each: bool = True):
+    """Training steps (forward, backward, LARS, EMA) on ready batches: per-step seconds,
+    losses and the peak memory. ``state``: start from these weights."""
+    device = torch.device(_device())
+    torch.manual_seed(0)
     model = build_model(cfg).to(device)  # no classes given: no probe (it costs ~nothing anyway)
+    if state is not None:
+        model.load_state_dict(state)
     if cfg.MODEL.CHANNELS_LAST:
         model.to(memory_format=torch.channels_last)
     forward = torch.compile(model, mode=cfg.MODEL.COMPILE.MODE, backend=cfg.MODEL.COMPILE.BACKEND) \
@@ -160,19 +181,10 @@ def bench_model(cfg, iters: int, warmup: int):
     opt = build_optimizer(cfg, model)
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
-    S = cfg.INPUT.CROP_SIZE
-    g1, g2 = release_geometries(batch, cfg)
-    b1, b2, valid = BoxPairGenerator.from_config(cfg)(g1, g2, np.random.default_rng(0))
-    data = {"view1": torch.randint(0, 255, (batch, 3, S, S), dtype=torch.uint8),
-            "view2": torch.randint(0, 255, (batch, 3, S, S), dtype=torch.uint8),
-            "boxes1": torch.from_numpy(b1), "boxes2": torch.from_numpy(b2), "box_valid": torch.from_numpy(valid),
-            "label": torch.zeros(batch, dtype=torch.long)}
-    data = {k: v.to(device) for k, v in data.items()}
-    data["pair_index"] = torch.from_numpy(np.flatnonzero(valid.reshape(-1))).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(warmup + iters):
+    times, losses = [], []
+    for i, data in enumerate(batches):
         sync()
         t = time.perf_counter()
         ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
@@ -184,14 +196,59 @@ def bench_model(cfg, iters: int, warmup: int):
         scaler.step(opt)
         scaler.update()
         model.update_target(0.99)
-        sync()
+        if sync_each:
+            sync()
         if i >= warmup:
             times.append(time.perf_counter() - t)
+        losses.append(loss.detach())
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    return times, [float(v) for v in losses], peak, model
+
+
+def bench_model(cfg, iters: int, warmup: int):
+    data = synthetic_batch(cfg, torch.device(_device()))
+    times, _, peak, _ = run_steps(cfg, [data] * (warmup + iters), warmup)
     step = statistics.median(times)
-    row = {"mode": "model", "settings": settings(cfg), "img_per_s": batch / step, "step_ms_median": step * 1e3}
-    if device.type == "cuda":
-        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    row = {"mode": "model", "settings": settings(cfg), "img_per_s": cfg.SOLVER.IMS_PER_GPU / step,
+           "step_ms_median": step * 1e3}
+    if peak is not None:
+        row["peak_mem_gib"] = peak
     return [row]
+
+
+# ----------------------------------------------------------------------------- parity
+PARITY_VARIANTS = {
+    "channels_last": (["MODEL.CHANNELS_LAST", "True"], 1e-3),
+    "bf16": (["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.DTYPE", "bfloat16"], 5e-2),
+    "fp16": (["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.DTYPE", "float16"], 5e-2),
+    "bf16+channels_last": (["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.DTYPE", "bfloat16",
+                            "MODEL.CHANNELS_LAST", "True"], 5e-2),
+    "bf16+channels_last+compile": (["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.DTYPE", "bfloat16",
+                                    "MODEL.CHANNELS_LAST", "True", "MODEL.COMPILE.ENABLED", "True"], 5e-2),
+}
+
+
+def bench_parity(cfg, steps: int, variants):
+    """Each speed option against the plain path (fp32, NCHW, eager) from the same weights
+    on the same batches: the per-step losses must agree within the option's tolerance."""
+    device = torch.device(_device())
+    plain = cfg.clone()
+    plain.merge_from_list(["SOLVER.AMP.ENABLED", "False", "MODEL.CHANNELS_LAST", "False",
+                           "MODEL.COMPILE.ENABLED", "False"])
+    torch.manual_seed(0)
+    state = {k: v.clone() for k, v in build_model(plain).state_dict().items()}
+    batches = [synthetic_batch(cfg, device, seed=s) for s in range(steps)]
+    _, ref, _, _ = run_steps(plain, batches, state=state)
+    rows = [{"mode": "parity", "settings": {"variant": "plain", **settings(plain)}, "losses": ref, "max_rel_diff": 0.0}]
+    for name in variants:
+        opts, tol = PARITY_VARIANTS[name]
+        c = plain.clone()
+        c.merge_from_list(opts)
+        _, got, _, _ = run_steps(c, batches, state=state)
+        diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(got, ref))
+        rows.append({"mode": "parity", "settings": {"variant": name, **settings(c)}, "losses": got,
+                     "max_rel_diff": diff, "tolerance": tol, "same_loss": diff <= tol})
+    return rows
 
 
 # ----------------------------------------------------------------------------- train
@@ -255,17 +312,20 @@ def flat(row: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["train", "model", "data", "boxes"])
+    p.add_argument("mode", choices=["train", "model", "data", "boxes", "parity"])
     p.add_argument("--config-file", default="configs/scrl_pretrain.yaml")
     p.add_argument("--archs", nargs="+", default=None, help="meta-architectures (default: the config's)")
     p.add_argument("--batch", type=int, default=0, help="images per step (default: SOLVER.IMS_PER_GPU)")
     p.add_argument("--workers", type=int, nargs="+", default=None,
                    help="data mode: loader worker counts (default: 1, 2, 4 ... up to the cores)")
     p.add_argument("--data", default="", help="a folder of images for train/data (default: generated JPEGs)")
-    p.add_argument("--num-images", type=int, default=2048, help="size of the generated JPEG folder")
+    p.add_argument("--num-images", type=int, default=4096, help="size of the generated JPEG folder")
     p.add_argument("--iters", type=int, default=20, help="measured steps")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--official-scrl", default="", help="boxes mode: a checkout of kakaobrain/scrl to compare with")
+    p.add_argument("--variants", nargs="+", choices=sorted(PARITY_VARIANTS), default=None,
+                   help="parity mode: options to compare with the plain path (default: all; "
+                        "without a GPU all but fp16 and compile)")
     p.add_argument("--json", default="", help="write the headline row and all rows to this file")
     p.add_argument("opts", nargs="*", help="config overrides, KEY VALUE")
     args = p.parse_intermixed_args()
@@ -294,13 +354,28 @@ def main() -> None:
             rows += bench_data(cfg, workers, args.iters, args.warmup)
         elif args.mode == "model":
             rows += bench_model(cfg, args.iters, args.warmup)
+        elif args.mode == "parity":
+            variants = args.variants or [v for v in PARITY_VARIANTS
+                                         if torch.cuda.is_available() or v in ("channels_last", "bf16",
+                                                                                "bf16+channels_last")]
+            rows += bench_parity(cfg, max(2, min(args.iters, 5)), variants)
         else:
             rows += bench_train(cfg, args.iters, args.warmup)
     env = {"device": machine(), "torch": torch.__version__}
     print(f"{args.mode}: {env['device']}; torch {env['torch']}; config {args.config_file} {' '.join(args.opts)}")
-    print(tabulate([flat(r) for r in rows], headers="keys", floatfmt=".2f", tablefmt="github"))
+    if args.mode == "parity":
+        print(tabulate([{"variant": r["settings"]["variant"], "losses": " ".join(f"{v:.5f}" for v in r["losses"]),
+                         "max_rel_diff": f"{r['max_rel_diff']:.2e}", "same_loss": r.get("same_loss", "")}
+                        for r in rows], headers="keys", tablefmt="github"))
+    else:
+        print(tabulate([flat(r) for r in rows], headers="keys", floatfmt=".2f", tablefmt="github"))
     if args.json:
-        headline = max(rows, key=lambda r: r.get("img_per_s", 0.0)) if args.mode != "boxes" else rows[0]
+        if args.mode == "parity":
+            headline = {"settings": {"variants": [r["settings"]["variant"] for r in rows[1:]]},
+                        "same_loss": all(r.get("same_loss", True) for r in rows),
+                        "max_rel_diff": max(r["max_rel_diff"] for r in rows)}
+        else:
+            headline = max(rows, key=lambda r: r.get("img_per_s", 0.0)) if args.mode != "boxes" else rows[0]
         out = {"mode": args.mode, **env, **{k: v for k, v in headline.items() if k != "mode"},
                "config": args.config_file, "opts": args.opts, "rows": [{**env, **r} for r in rows]}
         with open(args.json, "w") as f:

@@ -195,6 +195,7 @@ class PretrainDataset(torch.utils.data.Dataset):
             r *= 2
         return (math.ceil(width / r), math.ceil(height / r)) if r > 1 else None
 
+
 class PretrainCollate:
     """Stacks a batch and draws its box pairs in one vectorised call, in the loader's
     worker: the training thread gets ready boxes and the indices of the valid pairs

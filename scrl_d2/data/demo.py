@@ -122,20 +122,32 @@ def demo_dicts(split: str) -> List[dict]:
     return catalog.class_folder_dicts(os.path.join(root, split), f"scrl_demo_{split}")
 
 
+def _write_jpeg_chunk(args) -> None:
+    folder, start, stop, size, seed, quality = args
+    w, h = size
+    rng = np.random.default_rng([seed, start])
+    for i in range(start, stop):
+        img, _ = render_demo_image(rng)
+        img = img.resize((w, h), Image.BICUBIC)
+        arr = np.asarray(img, dtype=np.int16) + rng.integers(-12, 13, size=(h, w, 3), dtype=np.int16)
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:06d}.jpg"), quality=quality)
+
+
 def write_synthetic_jpegs(root: str, count: int, size=(500, 375), seed: int = 0, quality: int = 90) -> str:
     """A folder of ``count`` photograph-like JPEGs of ``size`` (default: an average
     ImageNet image) for throughput measurements: smooth colour fields, texture, shapes
-    and sensor-like noise, so files and decode costs resemble real photographs
-    (~100 KB each). Written once, atomically; returns ``root``."""
-    w, h = size
+    and sensor-like noise, so files and decode costs resemble real photographs.
+    Written once, atomically, by all cores (the same files whatever their number)."""
+    from concurrent.futures import ProcessPoolExecutor
 
     def fill(tmp: str) -> None:
-        rng = np.random.default_rng(seed)
-        for i in range(count):
-            img, _ = render_demo_image(rng)
-            img = img.resize((w, h), Image.BICUBIC)
-            arr = np.asarray(img, dtype=np.int16) + rng.integers(-12, 13, size=(h, w, 3), dtype=np.int16)
-            Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(
-                os.path.join(tmp, f"{i:06d}.jpg"), quality=quality)
+        chunks = [(tmp, s, min(s + 256, count), size, seed, quality) for s in range(0, count, 256)]
+        workers = min(len(chunks), os.cpu_count() or 1)
+        if workers <= 1:
+            for c in chunks:
+                _write_jpeg_chunk(c)
+            return
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_jpeg_chunk, chunks))
 
-    return generate_once(root, f"jpeg-{w}x{h}-{seed}-{quality}", fill)
+    return generate_once(root, f"jpeg2-{size[0]}x{size[1]}-{seed}-{quality}", fill)
