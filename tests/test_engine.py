@@ -46,7 +46,10 @@ def test_resume_in_a_fresh_process_equals_an_uninterrupted_run(tmp_path, image_f
     full = torch.load(os.path.join(split, "checkpoint_last.pth"), weights_only=False)
     assert {"model", "optimizer", "scaler", "trainer"} <= set(full) and full["trainer"]["iter"] == 12
     lines = [json.loads(x) for x in open(os.path.join(straight, "metrics.json"))]
-    assert lines[-1]["iteration"] == 12 and lines[-1]["loss"] < lines[0]["loss"]
+    assert lines[-1]["iteration"] == 12
+    # the second epoch's mean loss is below the first's (single steps are too noisy to compare)
+    losses = [x["loss"] for x in lines]
+    assert sum(losses[6:]) < sum(losses[:6]), losses
     assert os.path.islink(os.path.join(split, "checkpoint_last.pth"))
 
 
