@@ -17,6 +17,8 @@ from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 from torchvision.transforms import _functional_tensor as TFT
@@ -32,6 +34,7 @@ from .augment import (
     TwoViewAugmentation,
     ViewAugmentation,
 )
+from .datasets import to_rgb
 
 __all__ = ["BatchedAugmentation"]
 
@@ -84,7 +87,6 @@ class BatchedAugmentation:
         self.views: List[ViewAugmentation] = augmentation.views
         self.device = torch.device(device)
         self.chunk = chunk  # images padded together (a 64 x 3 x 500 x 500 float32 chunk is 190 MB)
-        self.skipped = 0
 
     @classmethod
     def from_config(cls, cfg, device: torch.device) -> "BatchedAugmentation":
@@ -117,7 +119,6 @@ class BatchedAugmentation:
             for n, i in enumerate(bad):
                 self._replace(batch, i, good[n % len(good)])
                 images[i] = images[good[n % len(good)]]
-            self.skipped += len(bad)
         return images
 
     def _decode_one(self, data: torch.Tensor):
@@ -125,18 +126,12 @@ class BatchedAugmentation:
             return _decode_jpeg(data, self.device)
         except RuntimeError:
             pass
-        from PIL import Image
-
-        from .datasets import to_rgb
-
         try:
             img = Image.open(io.BytesIO(data.numpy().tobytes()))
             img.load()
         except Exception as e:
             logger.warning(f"skipping an image neither nvJPEG nor PIL can decode: {e}")
             return None
-        import torchvision.transforms.functional as TF
-
         return TF.pil_to_tensor(to_rgb(img)).to(self.device)
 
     @staticmethod
