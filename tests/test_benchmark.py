@@ -31,7 +31,7 @@ def test_boxes_mode(tmp_path):
 @pytest.mark.parametrize("mode,extra", [
     ("model", ["--batch", "4"]),
     ("data", ["--batch", "8", "--workers", "0", "1"]),
-    ("train", ["--batch", "8", "DATALOADER.NUM_WORKERS", "1"]),
+    ("train", ["--batch", "8", "--with-model", "DATALOADER.NUM_WORKERS", "1"]),
 ])
 def test_throughput_modes(tmp_path, mode, extra):
     res, _ = bench(tmp_path, mode, *TINY, "--iters", "2", "--warmup", "1", "--num-images", "24", *extra)
@@ -40,6 +40,7 @@ def test_throughput_modes(tmp_path, mode, extra):
     if mode == "data":
         assert [r["settings"]["workers"] for r in res["rows"]] == [0, 1]
     if mode == "train":  # a real JPEG folder was generated: 500x375 files
+        assert res["model_img_per_s"] > 0 and res["fraction_of_model"] > 0
         from PIL import Image
 
         folder = res["settings"]["data"].split(":", 1)[1]

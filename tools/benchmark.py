@@ -252,7 +252,7 @@ def bench_parity(cfg, steps: int, variants):
 
 
 # ----------------------------------------------------------------------------- train
-def bench_train(cfg, iters: int, warmup: int, window: int = 5):
+def bench_train(cfg, iters: int, warmup: int, window: int = 5, with_model: bool = False):
     """The trainer's real step on real files. Synchronises only every ``window`` steps
     (so the loader and the GPU overlap as in training) and reports per-step medians."""
     c = cfg.clone()
@@ -299,6 +299,13 @@ def bench_train(cfg, iters: int, warmup: int, window: int = 5):
            "img_per_s": n_steps * c.SOLVER.IMS_PER_GPU / total, "step_ms_median": statistics.median(per_step) * 1e3}
     if device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    if with_model:  # the same settings fed from device tensors: how much the data path costs
+        del trainer, it
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        model_row = bench_model(c, iters, warmup)[0]
+        row["model_img_per_s"] = model_row["img_per_s"]
+        row["fraction_of_model"] = row["img_per_s"] / model_row["img_per_s"]
     return [row]
 
 
@@ -322,6 +329,8 @@ def main() -> None:
     p.add_argument("--num-images", type=int, default=4096, help="size of the generated JPEG folder")
     p.add_argument("--iters", type=int, default=20, help="measured steps")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--with-model", action="store_true",
+                   help="train mode: also run model mode at the same settings and report the fraction")
     p.add_argument("--official-scrl", default="", help="boxes mode: a checkout of kakaobrain/scrl to compare with")
     p.add_argument("--variants", nargs="+", choices=sorted(PARITY_VARIANTS), default=None,
                    help="parity mode: options to compare with the plain path (default: all; "
@@ -360,7 +369,7 @@ def main() -> None:
                                                                                 "bf16+channels_last")]
             rows += bench_parity(cfg, max(2, min(args.iters, 5)), variants)
         else:
-            rows += bench_train(cfg, args.iters, args.warmup)
+            rows += bench_train(cfg, args.iters, args.warmup, with_model=args.with_model)
     env = {"device": machine(), "torch": torch.__version__}
     print(f"{args.mode}: {env['device']}; torch {env['torch']}; config {args.config_file} {' '.join(args.opts)}")
     if args.mode == "parity":
