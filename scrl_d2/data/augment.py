@@ -16,9 +16,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import pil_modes_mapping
 
-__all__ = ["ViewAugmentation", "TwoViewAugmentation", "random_resized_crop_params", "NUM_PARAMS"]
-
-Geometry = Tuple[float, float, float, float, float]
+__all__ = ["ViewAugmentation", "TwoViewAugmentation", "random_resized_crop_params", "NUM_PARAMS",
+           "JITTER_IDENTITY"]
 
 
 def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
@@ -62,7 +61,7 @@ P_ORDER = slice(6, 10)  # jitter ops in application order: 0 brightness 1 contra
 P_FACTORS = slice(10, 14)  # each op's factor, indexed by op (identity when the strength is 0)
 P_GRAY, P_BLUR, P_SOLARIZE = 14, 15, 16  # grayscale (0/1); blur (0: none, else factor/sigma); solarize
 NUM_PARAMS = 17
-_IDENTITY = (1.0, 1.0, 1.0, 0.0)
+JITTER_IDENTITY = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation, hue: no change
 
 
 @dataclass
@@ -114,7 +113,7 @@ class ViewAugmentation:
         p[P_TOP], p[P_LEFT], p[P_HEIGHT], p[P_WIDTH] = (float(v) for v in crop)
         p[P_FLIP] = float(_bernoulli(g, self.flip_prob))
         p[P_ORDER] = torch.arange(4, dtype=torch.float64)
-        p[P_FACTORS] = torch.tensor(_IDENTITY, dtype=torch.float64)
+        p[P_FACTORS] = torch.tensor(JITTER_IDENTITY, dtype=torch.float64)
         if _bernoulli(g, self.color_jitter_prob):
             p[P_JITTER] = 1.0
             order = torch.randperm(4, generator=g)  # random order, as torchvision's ColorJitter
@@ -147,7 +146,7 @@ class ViewAugmentation:
             ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
             for i in p[P_ORDER].long().tolist():
                 factor = float(p[P_FACTORS.start + i])
-                if factor != _IDENTITY[i]:
+                if factor != JITTER_IDENTITY[i]:
                     out = ops[i](out, factor)
         if p[P_GRAY] > 0.5:
             out = F.rgb_to_grayscale(out, num_output_channels=3)
@@ -156,11 +155,6 @@ class ViewAugmentation:
         if p[P_SOLARIZE] > 0.5:
             out = F.solarize(out, self.solarize_threshold)
         return F.pil_to_tensor(out)
-
-    def __call__(self, img: Image.Image, g: torch.Generator, crop=None) -> Tuple[torch.Tensor, Geometry]:
-        """Draw and render one view: ``uint8 [3, size, size]`` and its geometry."""
-        p = self.sample(crop if crop is not None else self.crop_params(img.width, img.height, g), g)
-        return self.apply(img, p), tuple(float(v) for v in p[:5])
 
     def blur_kernel_size(self) -> int:
         return 2 * (int(self.gaussian_kernel_fraction * self.size) // 2) + 1

@@ -24,6 +24,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import _functional_tensor as TFT
 
 from .augment import (
+    JITTER_IDENTITY,
     P_BLUR,
     P_FACTORS,
     P_FLIP,
@@ -39,7 +40,6 @@ from .datasets import to_rgb
 __all__ = ["BatchedAugmentation"]
 
 logger = logging.getLogger("scrl_d2.data")
-_IDENTITY = (1.0, 1.0, 1.0, 0.0)
 
 
 def _decode_jpeg(data, device):
@@ -195,7 +195,7 @@ class BatchedAugmentation:
         factors = p[:, P_FACTORS]
         for pos in range(4):
             for op in range(4):
-                mask = jitter & (order[:, pos] == op) & (factors[:, op] != _IDENTITY[op])
+                mask = jitter & (order[:, pos] == op) & (factors[:, op] != JITTER_IDENTITY[op])
                 if mask.any():
                     idx = rows(mask)
                     x[idx] = _quantize(_OPS[op](x[idx], factor(factors[:, op], mask)).clamp_(0.0, 1.0))

@@ -79,8 +79,8 @@ def launch(main_func: Callable, num_gpus_per_machine: int, num_machines: int = 1
 
 
 def _run_then_tear_down(main_func: Callable, *args) -> None:
-    """Detectron2's launch leaves the process group to interpreter exit, where gloo's
-    threads can abort the process; close it once every process is done."""
+    """Run, then close the process group once every process is done: left to
+    interpreter exit (as Detectron2's launch does), gloo's threads can abort a process."""
     try:
         main_func(*args)
     finally:
@@ -103,8 +103,4 @@ def _distributed_worker(local_rank: int, main_func: Callable, world_size: int, n
         raise RuntimeError(f"process group initialisation failed at {dist_url}: {e}") from e
     comm.create_local_process_group(num_gpus_per_machine)
     comm.synchronize()
-    try:
-        main_func(*args)
-    finally:
-        comm.synchronize()
-        dist.destroy_process_group()
+    _run_then_tear_down(main_func, *args)
