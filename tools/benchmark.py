@@ -15,13 +15,13 @@ INPUT.AUGMENT_DEVICE device, also the device rendering). ``boxes`` times the box
 generator per 256 images on one core, and the official generator when given its
 checkout. ``parity`` runs a few steps with each speed option and with the plain path
 (fp32, NCHW, eager) from the same weights and batches and compares the losses.
-Figures are medians over steady-state steps after warm-up; an image is one pair of views. Config overrides go last (KEY VALUE ...), e.g. SOLVER.AMP.DTYPE float16
+Figures are medians over steady-state steps after warm-up; an image is one pair of
+views. Config overrides go last (KEY VALUE ...), e.g. SOLVER.AMP.DTYPE float16
 MODEL.CHANNELS_LAST False MODEL.COMPILE.ENABLED True. ``--json FILE`` writes the
 headline row (mode, device, torch, settings, img_per_s, step_ms_median, peak_mem_gib,
 box_ms_per_256, as they apply) with every row under ``rows``.
 """
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -41,7 +41,13 @@ from scrl_d2.data.boxes import BoxPairGenerator
 from scrl_d2.data.build import augment_on_device
 from scrl_d2.data.demo import write_synthetic_jpegs
 from scrl_d2.data.gpu_augment import BatchedAugmentation
-from scrl_d2.engine.trainer import PretrainTrainer, amp_dtype
+from scrl_d2.engine.trainer import (
+    PretrainTrainer,
+    amp_dtype,
+    build_forward,
+    build_grad_scaler,
+    optimization_step,
+)
 from scrl_d2.modeling import build_model
 from scrl_d2.solver import build_optimizer
 
@@ -166,9 +172,10 @@ def synthetic_batch(cfg, device: torch.device, seed: int = 0) -> dict:
     return {k: v.to(device) for k, v in data.items()}
 
 
-def run_steps(cfg, batches, warmup: int = 0, state=None, sync_each: bool = True):
-    """Training steps (forward, backward, LARS, EMA) on ready batches: per-step seconds,
-    losses and the peak memory. ``state``: start from these weights."""
+def run_steps(cfg, batches, warmup: int = 0, state=None):
+    """The trainer's optimisation step (forward, backward, LARS, EMA) on ready batches,
+    synchronised per step: per-step seconds after ``warmup``, losses and the peak
+    memory. ``state``: start from these weights."""
     device = torch.device(_device())
     torch.manual_seed(0)
     model = build_model(cfg).to(device)  # no classes given: no probe (it costs ~nothing anyway)
@@ -176,38 +183,28 @@ def run_steps(cfg, batches, warmup: int = 0, state=None, sync_each: bool = True)
         model.load_state_dict(state)
     if cfg.MODEL.CHANNELS_LAST:
         model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model, mode=cfg.MODEL.COMPILE.MODE, backend=cfg.MODEL.COMPILE.BACKEND) \
-        if cfg.MODEL.COMPILE.ENABLED else model
+    forward = build_forward(cfg, model)
     opt = build_optimizer(cfg, model)
     dtype = amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
+    scaler = build_grad_scaler(dtype, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for i, data in enumerate(batches):
         sync()
         t = time.perf_counter()
-        ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-        with ctx:
-            out = forward(data)
-        loss = sum(v for k, v in out.items() if k.startswith("loss"))
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        model.update_target(0.99)
-        if sync_each:
-            sync()
+        out = optimization_step(forward, model, opt, scaler, data, dtype, device, momentum=0.99)
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - t)
-        losses.append(loss.detach())
+        losses.append(float(sum(v for k, v in out.items() if k.startswith("loss"))))
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
-    return times, [float(v) for v in losses], peak, model
+    return times, losses, peak
 
 
 def bench_model(cfg, iters: int, warmup: int):
     data = synthetic_batch(cfg, torch.device(_device()))
-    times, _, peak, _ = run_steps(cfg, [data] * (warmup + iters), warmup)
+    times, _, peak = run_steps(cfg, [data] * (warmup + iters), warmup)
     step = statistics.median(times)
     row = {"mode": "model", "settings": settings(cfg), "img_per_s": cfg.SOLVER.IMS_PER_GPU / step,
            "step_ms_median": step * 1e3}
@@ -238,13 +235,13 @@ def bench_parity(cfg, steps: int, variants):
     torch.manual_seed(0)
     state = {k: v.clone() for k, v in build_model(plain).state_dict().items()}
     batches = [synthetic_batch(cfg, device, seed=s) for s in range(steps)]
-    _, ref, _, _ = run_steps(plain, batches, state=state)
+    _, ref, _ = run_steps(plain, batches, state=state)
     rows = [{"mode": "parity", "settings": {"variant": "plain", **settings(plain)}, "losses": ref, "max_rel_diff": 0.0}]
     for name in variants:
         opts, tol = PARITY_VARIANTS[name]
         c = plain.clone()
         c.merge_from_list(opts)
-        _, got, _, _ = run_steps(c, batches, state=state)
+        _, got, _ = run_steps(c, batches, state=state)
         diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(got, ref))
         rows.append({"mode": "parity", "settings": {"variant": name, **settings(c)}, "losses": got,
                      "max_rel_diff": diff, "tolerance": tol, "same_loss": diff <= tol})

@@ -21,7 +21,7 @@ from ..utils import comm
 from .defaults import resolve_device
 from .hooks import EpochCheckpointer, HookBase, KnnMonitor, MetricsWriter, ProbeEvaluator
 
-__all__ = ["PretrainTrainer", "amp_dtype"]
+__all__ = ["PretrainTrainer", "amp_dtype", "build_forward", "build_grad_scaler", "optimization_step"]
 
 logger = logging.getLogger("scrl_d2.engine")
 
@@ -38,6 +38,36 @@ def amp_dtype(cfg, device: torch.device) -> Optional[torch.dtype]:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16
     return getattr(torch, choice)
+
+
+def build_grad_scaler(dtype: Optional[torch.dtype], device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling only where it is needed: fp16 on a GPU."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
+
+
+def build_forward(cfg, module: torch.nn.Module):
+    """``module``, or its ``torch.compile`` when MODEL.COMPILE.ENABLED."""
+    c = cfg.MODEL.COMPILE
+    if not c.ENABLED:
+        return module
+    logger.info(f"torch.compile: mode {c.MODE}, backend {c.BACKEND}")
+    return torch.compile(module, mode=c.MODE, backend=c.BACKEND)
+
+
+def optimization_step(forward, model, optimizer, scaler: torch.amp.GradScaler, batch: Dict[str, torch.Tensor],
+                      dtype: Optional[torch.dtype], device: torch.device, momentum: float) -> Dict[str, torch.Tensor]:
+    """One step in the release's order: forward (autocast) -> backward -> optimizer step
+    -> EMA update of the target with this step's momentum. Returns the forward's outputs."""
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with autocast:
+        out = forward(batch)
+    total = sum(v for k, v in out.items() if k.startswith("loss"))
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    model.update_target(momentum)
+    return out
 
 
 def _rng_state() -> Dict:
@@ -90,8 +120,7 @@ class PretrainTrainer:
                     f"{sum(p.numel() for p in model.online_parameters()) / 1e6:.1f}M trainable parameters")
         self.optimizer = build_optimizer(cfg, model, self.world_size)
         self.dtype = amp_dtype(cfg, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type,
-                                           enabled=self.dtype == torch.float16 and self.device.type == "cuda")
+        self.scaler = build_grad_scaler(self.dtype, self.device)
         logger.info(f"mixed precision: {self.dtype or 'off'}; channels_last: {cfg.MODEL.CHANNELS_LAST}")
         ddp = cfg.SOLVER.DDP
         if self.world_size > 1:
@@ -102,10 +131,7 @@ class PretrainTrainer:
             )
         else:
             self.ddp = model
-        self.forward = self.ddp
-        if cfg.MODEL.COMPILE.ENABLED:
-            self.forward = torch.compile(self.ddp, mode=cfg.MODEL.COMPILE.MODE, backend=cfg.MODEL.COMPILE.BACKEND)
-            logger.info(f"torch.compile: mode {cfg.MODEL.COMPILE.MODE}, backend {cfg.MODEL.COMPILE.BACKEND}")
+        self.forward = build_forward(cfg, self.ddp)
         self.device_augment = (BatchedAugmentation.from_config(cfg, self.device)
                                if augment_on_device(cfg) else None)
         self.iters_per_epoch = len(self.loader)
@@ -277,18 +303,9 @@ class PretrainTrainer:
             logger.warning(f"iteration {self.iter}: no box pair in the batch on any process; step skipped "
                            f"({self.skipped_steps} so far)")
         else:
-            autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None
-                        else contextlib.nullcontext())
-            with autocast:
-                out = self.forward(batch)
-            losses = {k: v for k, v in out.items() if k.startswith("loss")}
-            total = sum(losses.values())
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
             self.momentum = self.momentum_schedule(self.iter)
-            self.model.update_target(self.momentum)
+            out = optimization_step(self.forward, self.model, self.optimizer, self.scaler, batch, self.dtype,
+                                    self.device, self.momentum)
             values = {k: v.detach() for k, v in out.items()}
         self.iter += 1
         if self.device.type == "cuda" and (self.iter % self.writer.period == 0):
