@@ -57,3 +57,9 @@ def test_parity_mode_compares_speed_options_with_the_plain_path(tmp_path):
     assert variants == ["plain", "channels_last", "bf16"]
     assert all(len(r["losses"]) == 3 for r in res["rows"])
     assert res["rows"][1]["max_rel_diff"] <= 1e-3 and "same_loss" in stdout
+
+
+def test_official_generator_path_is_checked(tmp_path):
+    r = subprocess.run([sys.executable, BENCH, "boxes", "--official-scrl", str(tmp_path / "nowhere")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "nowhere" in r.stderr and "models/box_generator.py" in r.stderr

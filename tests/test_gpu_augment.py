@@ -68,7 +68,7 @@ def test_flip_on_the_device_mirrors_the_crop(jpeg_folder):
         assert same < mirrored / 2
 
 
-def test_undecodable_file_is_replaced_and_counted(jpeg_folder, tmp_path):
+def test_undecodable_file_is_replaced_counted_and_named(jpeg_folder, tmp_path, caplog):
     import shutil
 
     for f in jpeg_folder.iterdir():
@@ -81,7 +81,9 @@ def test_undecodable_file_is_replaced_and_counted(jpeg_folder, tmp_path):
     aug = TwoViewAugmentation.from_config(cfg)
     ds = PretrainDataset(dicts, aug, decode_on_device=True)
     batch = PretrainCollate(BoxPairGenerator.from_config(cfg))([ds[(i, i)] for i in range(len(dicts))])
-    out = BatchedAugmentation(aug, "cpu")(batch)
+    with caplog.at_level("WARNING", logger="scrl_d2.data"):
+        out = BatchedAugmentation(aug, "cpu")(batch)
+    assert "bad.jpg" in caplog.text  # the warning names the file
     assert out["view1"].shape[0] == len(dicts)  # the batch keeps its size
     assert int(out["skipped"][bad]) == 1 and int(out["skipped"].sum()) == 1
     np.testing.assert_array_equal(out["pair_index"].numpy(), np.flatnonzero(out["box_valid"].numpy().ravel()))

@@ -335,6 +335,10 @@ def main() -> None:
     p.add_argument("--json", default="", help="write the headline row and all rows to this file")
     p.add_argument("opts", nargs="*", help="config overrides, KEY VALUE")
     args = p.parse_intermixed_args()
+    if args.official_scrl and not os.path.isfile(os.path.join(os.path.expanduser(args.official_scrl),
+                                                               "models", "box_generator.py")):
+        p.error(f"--official-scrl {args.official_scrl}: no models/box_generator.py there "
+                "(expected a checkout of kakaobrain/scrl)")
 
     base = get_cfg()
     base.merge_from_file(args.config_file)

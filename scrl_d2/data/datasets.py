@@ -128,7 +128,7 @@ class PretrainDataset(torch.utils.data.Dataset):
     ``view1``, ``view2`` (uint8 ``[3, S, S]``), ``geom1``, ``geom2`` (``[5]``),
     ``label`` (-1 when unlabelled), ``skipped`` (unreadable files replaced) and
     ``seed``. With ``decode_on_device`` the views are not rendered: the sample holds
-    the encoded file (``data``, ``is_jpeg``) and each view's parameters (``params1``,
+    the encoded file (``data``, ``is_jpeg``, ``file_name``) and each view's parameters (``params1``,
     ``params2``) for :class:`~scrl_d2.data.gpu_augment.BatchedAugmentation`.
     ``jpeg_draft``: decode a JPEG at the smallest 1/2^k scale that still gives both
     crops at least the output resolution.
@@ -168,7 +168,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         if self.decode_on_device:
             (data, size, is_jpeg), d, skipped = self.reader.read(index, rng, read_encoded)
             crop1, crop2 = self._crops(*size, g)
-            out.update(data=data, is_jpeg=is_jpeg)
+            out.update(data=data, is_jpeg=is_jpeg, file_name=d["file_name"])  # named if the device cannot decode it
         else:
             crops, stored = [], []
 
@@ -208,11 +208,12 @@ class PretrainCollate:
         self.box_generator = box_generator
 
     def __call__(self, samples: List[dict]) -> Dict[str, torch.Tensor]:
-        ragged = {k: [s.pop(k) for s in samples] for k in ("data", "is_jpeg") if k in samples[0]}
+        ragged = {k: [s.pop(k) for s in samples] for k in ("data", "is_jpeg", "file_name") if k in samples[0]}
         batch = default_collate(samples)
         if ragged:
             batch["data"] = ragged["data"]  # encoded files differ in length: a list
             batch["is_jpeg"] = torch.tensor(ragged["is_jpeg"])
+            batch["file_name"] = ragged["file_name"]
         if self.box_generator is not None:
             rng = np.random.default_rng([int(s) for s in batch["seed"]])
             b1, b2, valid = self.box_generator(batch["geom1"].numpy(), batch["geom2"].numpy(), rng)

@@ -49,7 +49,7 @@ def _decode_jpeg(data, device):
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601-2 luma (PIL's ``convert("L")``, torchvision's ``rgb_to_grayscale``)."""
+    """ITU-R 601-2 luma with PIL's weights (``convert("L")``, as the CPU path renders it)."""
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
 
 
@@ -97,7 +97,7 @@ class BatchedAugmentation:
         """``uint8 [3, H, W]`` per sample, on the device. A file nvJPEG rejects is
         decoded by PIL; one nothing can decode takes another sample's place (its
         parameters and boxes too) and is counted in ``batch["skipped"]``."""
-        data, is_jpeg = batch["data"], batch["is_jpeg"].tolist()
+        data, is_jpeg, names = batch["data"], batch["is_jpeg"].tolist(), batch["file_name"]
         images: List = [None] * len(data)
         jpeg = [i for i, j in enumerate(is_jpeg) if j]
         if jpeg:
@@ -107,7 +107,7 @@ class BatchedAugmentation:
                     images[i] = img
             except RuntimeError:
                 for i in jpeg:
-                    images[i] = self._decode_one(data[i])
+                    images[i] = self._decode_one(data[i], names[i])
         for i, j in enumerate(is_jpeg):
             if not j:
                 images[i] = data[i].to(self.device, non_blocking=True)
@@ -115,13 +115,13 @@ class BatchedAugmentation:
         if bad:
             good = [i for i, img in enumerate(images) if img is not None]
             if not good:
-                raise RuntimeError("no image of the batch could be decoded")
+                raise RuntimeError(f"no image of the batch could be decoded, e.g. {names[:3]}")
             for n, i in enumerate(bad):
                 self._replace(batch, i, good[n % len(good)])
                 images[i] = images[good[n % len(good)]]
         return images
 
-    def _decode_one(self, data: torch.Tensor):
+    def _decode_one(self, data: torch.Tensor, name: str):
         try:
             return _decode_jpeg(data, self.device)
         except RuntimeError:
@@ -130,7 +130,7 @@ class BatchedAugmentation:
             img = Image.open(io.BytesIO(data.numpy().tobytes()))
             img.load()
         except Exception as e:
-            logger.warning(f"skipping an image neither nvJPEG nor PIL can decode: {e}")
+            logger.warning(f"skipping {name}: neither nvJPEG nor PIL can decode it ({e})")
             return None
         return TF.pil_to_tensor(to_rgb(img)).to(self.device)
 
@@ -157,7 +157,7 @@ class BatchedAugmentation:
             x = torch.cat(views[v]).float().div_(255.0)
             x = self._photometric(x, p, self.views[v])
             batch[f"view{v + 1}"] = x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
-        for k in ("data", "is_jpeg", "params1", "params2"):
+        for k in ("data", "is_jpeg", "file_name", "params1", "params2"):
             batch.pop(k, None)
         return batch
 
