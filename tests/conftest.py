@@ -27,6 +27,30 @@ def image_folder(tmp_path_factory) -> str:
     return make_image_folder(str(tmp_path_factory.mktemp("imgs")))
 
 
+@pytest.fixture(scope="session")
+def batch_scale_folder(tmp_path_factory) -> str:
+    """544 small JPEGs (random sizes, 40-64 px): two processes x the shipped 256 images
+    per process, with tiny images so a real-batch step stays within seconds on CPU."""
+    from PIL import Image
+
+    path = str(tmp_path_factory.mktemp("imgs544"))
+    rng = np.random.default_rng(0)
+    for i in range(544):
+        h, w = rng.integers(40, 65, 2)
+        blocks = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        img = Image.fromarray(blocks).resize((int(w), int(h)), Image.BILINEAR)
+        img.save(os.path.join(path, f"{i:04d}.jpg"), quality=85)
+    return path
+
+
+# The shipped pretraining configs shrunk only where it costs time: ResNet-18, small heads,
+# 32 px views; the batch (256 per process), SyncBN, AMP and the rest stay as shipped.
+SHIPPED_TINY = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+                "MODEL.BYOL.PROJECTOR_HIDDEN_DIM", "64", "MODEL.BYOL.PROJECTION_DIM", "32",
+                "MODEL.BYOL.PREDICTOR_HIDDEN_DIM", "64", "MODEL.SCRL.MIN_SIZE", "8", "INPUT.CROP_SIZE", "32",
+                "DATALOADER.NUM_WORKERS", "1", "MODEL.CHANNELS_LAST", "False", "SEED", "3"]
+
+
 def tiny_cfg(train: str, arch: str = "SCRL", out: str = ""):
     """ResNet-18 at 64 px, small heads, CPU: a step takes a fraction of a second."""
     cfg = get_cfg()

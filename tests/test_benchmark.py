@@ -57,6 +57,10 @@ def test_parity_mode_compares_speed_options_with_the_plain_path(tmp_path):
     assert variants == ["plain", "channels_last", "bf16"]
     assert all(len(r["losses"]) == 3 for r in res["rows"])
     assert res["rows"][1]["max_rel_diff"] <= 1e-3 and "same_loss" in stdout
+    # the structural pooling check at each variant's dtype
+    assert res["pooling_exact"] is True and "pooling_exact" in stdout
+    assert [r["pooling"]["dtype"] for r in res["rows"]] == ["float32", "float32", "bfloat16"]
+    assert all(r["pooling"]["ok"] and r["pooling"]["rois"] > 0 for r in res["rows"])
 
 
 def test_official_generator_path_is_checked(tmp_path):

@@ -57,6 +57,27 @@ def test_device_path_renders_the_same_views(jpeg_folder, opts):
         assert diff.mean() < 3.0 and diff.flatten().quantile(0.99) <= 16, (v, diff.mean())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_device_path_is_float32_inside_autocast(jpeg_folder, dtype):
+    """Called from mixed-precision code, the crops (rectangles and batch indices through
+    RoIAlign) and every pixel are still those of the float32 rendering."""
+    cfg = tiny_cfg(f"images:{jpeg_folder}")
+    cfg.merge_from_list(["INPUT.CROP_SIZE", "96", "INPUT.BLUR_TYPE", "gaussian"])
+    dicts = DatasetCatalog.get(f"images:{jpeg_folder}")
+    aug, gen = TwoViewAugmentation.from_config(cfg), BoxPairGenerator.from_config(cfg)
+    keys = [(i % len(dicts), 3 + i) for i in range(7)]
+
+    def render():
+        batch = PretrainCollate(gen)([PretrainDataset(dicts, aug, decode_on_device=True)[k] for k in keys])
+        return BatchedAugmentation(aug, "cpu")(batch)
+
+    plain = render()
+    with torch.autocast("cpu", dtype=dtype):
+        mixed = render()
+    for k in ("view1", "view2"):
+        assert torch.equal(plain[k], mixed[k]), k
+
+
 def test_flip_on_the_device_mirrors_the_crop(jpeg_folder):
     cpu, dev = both_paths(jpeg_folder, OFF)
     flipped = dev["geom1"][:, 4] > 0.5

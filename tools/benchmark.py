@@ -14,7 +14,9 @@ device. ``data`` times the loader alone (decode, two views, box pairs; with
 INPUT.AUGMENT_DEVICE device, also the device rendering). ``boxes`` times the box-pair
 generator per 256 images on one core, and the official generator when given its
 checkout. ``parity`` runs a few steps with each speed option and with the plain path
-(fp32, NCHW, eager) from the same weights and batches and compares the losses.
+(fp32, NCHW, eager) from the same weights and batches and compares the losses, and checks
+structurally that every box pair is pooled from its image and rectangle at that option's
+dtype (``pooling_exact``; see scrl_d2.modeling.audit).
 Figures are medians over steady-state steps after warm-up; an image is one pair of
 views. Config overrides go last (KEY VALUE ...), e.g. SOLVER.AMP.DTYPE float16
 MODEL.CHANNELS_LAST False MODEL.COMPILE.ENABLED True. ``--json FILE`` writes the
@@ -49,6 +51,7 @@ from scrl_d2.engine.trainer import (
     optimization_step,
 )
 from scrl_d2.modeling import build_model
+from scrl_d2.modeling.audit import audit_pooling
 from scrl_d2.solver import build_optimizer
 
 
@@ -225,9 +228,22 @@ PARITY_VARIANTS = {
 }
 
 
+def pooling_check(cfg, batch: dict, state: dict) -> dict:
+    """The structural check of scrl_d2.modeling.audit at ``cfg``'s dtype and memory format
+    (eager): every RoI reaches the kernel with its intended image and rectangle, and every
+    pooled unit comes from its image. A loss tolerance cannot see a misread box."""
+    device = torch.device(_device())
+    model = build_model(cfg).to(device)
+    model.load_state_dict(state)
+    if cfg.MODEL.CHANNELS_LAST:
+        model.to(memory_format=torch.channels_last)
+    return audit_pooling(model, batch, amp_dtype(cfg, device), device).as_dict()
+
+
 def bench_parity(cfg, steps: int, variants):
     """Each speed option against the plain path (fp32, NCHW, eager) from the same weights
-    on the same batches: the per-step losses must agree within the option's tolerance."""
+    on the same batches: the per-step losses must agree within the option's tolerance,
+    and every box must be pooled from its image and rectangle (``pooling_check``)."""
     device = torch.device(_device())
     plain = cfg.clone()
     plain.merge_from_list(["SOLVER.AMP.ENABLED", "False", "MODEL.CHANNELS_LAST", "False",
@@ -236,7 +252,8 @@ def bench_parity(cfg, steps: int, variants):
     state = {k: v.clone() for k, v in build_model(plain).state_dict().items()}
     batches = [synthetic_batch(cfg, device, seed=s) for s in range(steps)]
     _, ref, _ = run_steps(plain, batches, state=state)
-    rows = [{"mode": "parity", "settings": {"variant": "plain", **settings(plain)}, "losses": ref, "max_rel_diff": 0.0}]
+    rows = [{"mode": "parity", "settings": {"variant": "plain", **settings(plain)}, "losses": ref, "max_rel_diff": 0.0,
+             "pooling": pooling_check(plain, batches[0], state)}]
     for name in variants:
         opts, tol = PARITY_VARIANTS[name]
         c = plain.clone()
@@ -244,7 +261,8 @@ def bench_parity(cfg, steps: int, variants):
         _, got, _ = run_steps(c, batches, state=state)
         diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(got, ref))
         rows.append({"mode": "parity", "settings": {"variant": name, **settings(c)}, "losses": got,
-                     "max_rel_diff": diff, "tolerance": tol, "same_loss": diff <= tol})
+                     "max_rel_diff": diff, "tolerance": tol, "same_loss": diff <= tol,
+                     "pooling": pooling_check(c, batches[0], state)})
     return rows
 
 
@@ -375,7 +393,10 @@ def main() -> None:
     print(f"{args.mode}: {env['device']}; torch {env['torch']}; config {args.config_file} {' '.join(args.opts)}")
     if args.mode == "parity":
         print(tabulate([{"variant": r["settings"]["variant"], "losses": " ".join(f"{v:.5f}" for v in r["losses"]),
-                         "max_rel_diff": f"{r['max_rel_diff']:.2e}", "same_loss": r.get("same_loss", "")}
+                         "max_rel_diff": f"{r['max_rel_diff']:.2e}", "same_loss": r.get("same_loss", ""),
+                         "rois": r["pooling"]["rois"], "wrong_image": r["pooling"]["wrong_image"],
+                         "wrong_rect": r["pooling"]["wrong_rectangle"],
+                         "units_wrong": r["pooling"]["units_wrong_image"], "pooling_exact": r["pooling"]["ok"]}
                         for r in rows], headers="keys", tablefmt="github"))
     else:
         print(tabulate([flat(r) for r in rows], headers="keys", floatfmt=".2f", tablefmt="github"))
@@ -383,6 +404,7 @@ def main() -> None:
         if args.mode == "parity":
             headline = {"settings": {"variants": [r["settings"]["variant"] for r in rows[1:]]},
                         "same_loss": all(r.get("same_loss", True) for r in rows),
+                        "pooling_exact": all(r["pooling"]["ok"] for r in rows),
                         "max_rel_diff": max(r["max_rel_diff"] for r in rows)}
         else:
             headline = max(rows, key=lambda r: r.get("img_per_s", 0.0)) if args.mode != "boxes" else rows[0]

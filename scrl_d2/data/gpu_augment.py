@@ -146,6 +146,12 @@ class BatchedAugmentation:
 
     # ------------------------------------------------------------------ render
     def __call__(self, batch: Dict) -> Dict:
+        # float32 whatever the caller's autocast: crop rectangles (and the batch index of
+        # each crop) must stay exact, and pixels must match the CPU path.
+        with torch.autocast(self.device.type, enabled=False):
+            return self._render(batch)
+
+    def _render(self, batch: Dict) -> Dict:
         images = self.decode(batch)
         params = (batch["params1"], batch["params2"])
         views = ([], [])

@@ -29,7 +29,12 @@ class MLPHead(nn.Module):
 
 class BoxPooler(nn.Module):
     """RoIAlign of boxes given in input-image pixels from a feature map of ``stride``:
-    Detectron2's ``ROIAlign`` with that backend, else torchvision's ``roi_align``."""
+    Detectron2's ``ROIAlign`` with that backend, else torchvision's ``roi_align``.
+
+    Always pools in float32, as the release did: a half-precision RoI cannot hold the
+    batch index of a 256-image view (bf16 integers are exact only up to 256, fp16 up to
+    2048) nor a box coordinate (bf16 rounds 128..256 to whole pixels). Detectron2's
+    ``ROIAlign`` casts the RoIs to the feature dtype, so the features go in as float32."""
 
     def __init__(self, output_size: int = 1, stride: int = 32, sampling_ratio: int = 0, aligned: bool = False):
         super().__init__()
@@ -47,10 +52,14 @@ class BoxPooler(nn.Module):
             self.d2_roi_align = ROIAlign(self.output_size, self.spatial_scale, max(sampling_ratio, 0), aligned)
 
     def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        """``rois``: ``[N, 5]`` (batch index, x1, y1, x2, y2) -> ``[N, C * r * r]``."""
-        rois = rois.to(features.dtype)
+        """``rois``: ``[N, 5]`` (batch index, x1, y1, x2, y2) -> ``[N, C * r * r]`` in the
+        features' dtype (what autocast's RoIAlign returns)."""
+        if rois.dtype != torch.float32:
+            raise TypeError(f"BoxPooler: RoIs must be float32 to keep image indices and coordinates exact, "
+                            f"got {rois.dtype}")
+        x = features.float()
         if self.d2_roi_align is not None:
-            out = self.d2_roi_align(features, rois)
+            out = self.d2_roi_align(x, rois)
         else:
-            out = roi_align(features, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
-        return out.flatten(1)
+            out = roi_align(x, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+        return out.flatten(1).to(features.dtype)

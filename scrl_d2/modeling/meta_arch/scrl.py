@@ -35,9 +35,12 @@ class SCRL(BYOL):
         return channels * cfg.MODEL.SCRL.POOLER_RESOLUTION ** 2
 
     def pool(self, features: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
-        boxes1, boxes2, valid = batch["boxes1"], batch["boxes2"], batch["box_valid"]
+        # RoIs in float32 whatever the autocast dtype: the image index (up to 2B - 1)
+        # and the coordinates must stay exact (see BoxPooler).
+        boxes1, boxes2 = batch["boxes1"].float(), batch["boxes2"].float()
+        valid = batch["box_valid"]
         B, K = valid.shape
-        img = torch.arange(B, device=boxes1.device, dtype=boxes1.dtype).view(B, 1, 1).expand(B, K, 1)
+        img = torch.arange(B, device=boxes1.device, dtype=torch.float32).view(B, 1, 1).expand(B, K, 1)
         rois1 = torch.cat([img, boxes1], dim=2).view(-1, 5)
         rois2 = torch.cat([img + B, boxes2], dim=2).view(-1, 5)
         # The loader computes the valid pairs' indices on the host (PretrainCollate), so
