@@ -105,7 +105,9 @@ def test_syncbn_on_one_process_behaves_as_bn(monkeypatch):
     sync = _build(monkeypatch, "detectron2", _cfg(monkeypatch, "detectron2", **over))
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in sync.backbone.modules())
     assert isinstance(sync.projector.net[1], torch.nn.SyncBatchNorm)
-    bn = _build(monkeypatch, "detectron2", _cfg(monkeypatch, "detectron2"))
+    plain = {"MODEL.RESNETS.NORM": "BN", "MODEL.BYOL.HEAD_NORM": "BN"}
+    bn = _build(monkeypatch, "detectron2", _cfg(monkeypatch, "detectron2", **plain))
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in bn.modules())
     bn.load_state_dict(sync.state_dict(), strict=True)
     batch = _batch(_cfg(monkeypatch, "detectron2"), B=4)
     torch.testing.assert_close(sync.train()(batch)["loss"], bn.train()(batch)["loss"])

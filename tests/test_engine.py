@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, tiny_opts
+from conftest import ROOT, SHIPPED_TINY, tiny_opts
 from scrl_d2.checkpoint import Checkpointer, atomic_torch_save
 
 TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
@@ -74,6 +74,31 @@ def test_two_processes_with_gloo_train_and_agree(tmp_path, image_folder):
     assert os.path.exists(os.path.join(out, "checkpoint_1.pth")) and os.path.exists(os.path.join(out, "log.txt.rank1"))
     lines = [json.loads(x) for x in open(os.path.join(out, "metrics.json"))]
     assert lines[-1]["iteration"] == 6
+
+
+@pytest.mark.parametrize("norm,stats", [("SyncBN", "identical"), ("BN", "different")])
+def test_shipped_config_on_two_cpu_processes_synchronises_batch_norm(tmp_path, batch_scale_folder, norm, stats):
+    """The shipped config as a user runs it on two processes (256 images each, a loader
+    worker, bf16): SyncBN as the release, so every process ends with the same running
+    statistics; with per-process BN (and unbroadcast buffers, as the release) they differ."""
+    out = str(tmp_path / "shipped")
+    opts = [*SHIPPED_TINY, "DATASETS.TRAIN", f"('images:{batch_scale_folder}',)", "DATASETS.TEST", "()",
+            "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", out]
+    if norm != "SyncBN":
+        opts += ["MODEL.RESNETS.NORM", norm, "MODEL.BYOL.HEAD_NORM", norm]
+    r = run_cli("--config-file", os.path.join(ROOT, "configs", "scrl_pretrain.yaml"), "--num-gpus", "2", *opts)
+    assert "global batch 512" in r.stdout and "mixed precision: torch.bfloat16" in r.stdout
+    if norm == "SyncBN":
+        assert "batch-norm layers take their statistics from the global batch (2 processes, over gloo on CPU)" \
+            in r.stdout
+    else:
+        assert "use per-process statistics" in r.stdout + r.stderr
+    assert "weights identical on all 2 processes" in r.stdout
+    assert f"batch-norm running statistics {stats} on the 2 processes" in r.stdout
+    # stopped by SOLVER.MAX_ITER at the end of epoch 2 (1 step per epoch): its checkpoint is written
+    state = model_state(os.path.join(out, "checkpoint_2.pth"))
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert any(k.endswith("running_var") for k in state)
 
 
 def test_demo_config_runs_from_the_command_line(tmp_path):

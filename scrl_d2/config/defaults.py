@@ -43,8 +43,10 @@ _C.MODEL.RESNETS.DEPTH = 50  # 18, 34, 50, 101, 152
 _C.MODEL.RESNETS.OUT_FEATURES = ["res5"]
 _C.MODEL.RESNETS.NUM_GROUPS = 1
 _C.MODEL.RESNETS.WIDTH_PER_GROUP = 64
-# "BN", "SyncBN", "FrozenBN", "GN" or "" (none); Detectron2's names.
-_C.MODEL.RESNETS.NORM = "BN"
+# "BN", "SyncBN", "FrozenBN", "GN" or "" (none); Detectron2's names. "SyncBN" is the
+# release: on several processes every BatchNorm (online, target, heads) takes its
+# statistics from the global batch; on one process it is BN. CPU processes synchronise too.
+_C.MODEL.RESNETS.NORM = "SyncBN"
 # False = stride in the 3x3 conv (torchvision's ResNet v1.5, what SCRL pretrains).
 _C.MODEL.RESNETS.STRIDE_IN_1X1 = False
 _C.MODEL.RESNETS.RES5_DILATION = 1
@@ -56,8 +58,8 @@ _C.MODEL.BYOL = CN()
 _C.MODEL.BYOL.PROJECTOR_HIDDEN_DIM = 4096
 _C.MODEL.BYOL.PROJECTION_DIM = 256
 _C.MODEL.BYOL.PREDICTOR_HIDDEN_DIM = 4096
-# Normalisation in the projector / predictor MLPs: "BN" or "SyncBN".
-_C.MODEL.BYOL.HEAD_NORM = "BN"
+# Normalisation in the projector / predictor MLPs: "BN" or "SyncBN" (the release).
+_C.MODEL.BYOL.HEAD_NORM = "SyncBN"
 # EMA momentum of the target network, cosine-increased from this value to 1.
 _C.MODEL.BYOL.BASE_MOMENTUM = 0.97
 # The official release initialises the target independently ("random");

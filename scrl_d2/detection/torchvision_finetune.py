@@ -9,9 +9,9 @@ import time
 from typing import Dict, Iterator
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import Checkpointer, atomic_write
+from ..engine.ddp import create_ddp_model
 from ..engine.defaults import resolve_device
 from ..engine.trainer import amp_dtype
 from ..utils import comm
@@ -70,8 +70,7 @@ class TorchvisionDetectionTrainer:
         self.dtype = amp_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.dtype == torch.float16 and self.device.type == "cuda")
-        self.ddp = (DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                            else None) if self.world > 1 else model)
+        self.ddp = create_ddp_model(model, self.device)
         self.checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(),
                                          optimizer=self.optimizer, scaler=self.scaler)
         self.start_iter = 0

@@ -16,6 +16,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..checkpoint import LayoutError, d2_to_torchvision, extract_encoder, load_checkpoint_file
+from ..modeling.layers import SyncBatchNorm
 
 __all__ = ["build_torchvision_detector", "norm_layer", "load_detector_weights"]
 
@@ -24,8 +25,8 @@ logger = logging.getLogger("scrl_d2.detection")
 
 def norm_layer(norm: str, key: str) -> Optional[Callable[[int], nn.Module]]:
     """Detectron2 norm names as torchvision ``norm_layer`` factories."""
-    table = {"": None, "BN": nn.BatchNorm2d, "SyncBN": nn.SyncBatchNorm, "FrozenBN": FrozenBatchNorm2d,
-             "GN": lambda c: nn.GroupNorm(32, c), "naiveSyncBN": nn.SyncBatchNorm, "naiveSyncBN_N": nn.SyncBatchNorm}
+    table = {"": None, "BN": nn.BatchNorm2d, "SyncBN": SyncBatchNorm, "FrozenBN": FrozenBatchNorm2d,
+             "GN": lambda c: nn.GroupNorm(32, c), "naiveSyncBN": SyncBatchNorm, "naiveSyncBN_N": SyncBatchNorm}
     if norm not in table:
         raise ValueError(f"{key}: unknown norm {norm!r}; use one of {sorted(k for k in table if k)} or ''")
     return table[norm]

@@ -127,14 +127,15 @@ class MetricsWriter(HookBase):
 
 
 class EpochCheckpointer(HookBase):
-    """``checkpoint_{epoch}.pth`` every ``interval`` epochs and at the end of training."""
+    """``checkpoint_{epoch}.pth`` every ``interval`` epochs and at the end of training
+    (also when SOLVER.MAX_ITER ends it at an epoch boundary between snapshots)."""
 
     def __init__(self, interval: int):
         self.interval = max(1, interval)
 
     def after_epoch(self) -> None:
         t = self.trainer
-        if t.epoch % self.interval == 0 or t.epoch == t.max_epoch:
+        if t.epoch % self.interval == 0 or t.epoch == t.max_epoch or t.iter >= t.max_iter:
             t.save_checkpoint(f"checkpoint_{t.epoch}")
 
     def after_train(self) -> None:

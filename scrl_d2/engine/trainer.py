@@ -8,7 +8,6 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from ..backend import backend_name
 from ..checkpoint import Checkpointer, LayoutError, extract_encoder, load_checkpoint_file
@@ -18,6 +17,7 @@ from ..data.gpu_augment import BatchedAugmentation
 from ..modeling import build_model
 from ..solver import build_lr_scheduler, build_momentum_scheduler, build_optimizer, scaled_lr
 from ..utils import comm
+from .ddp import create_ddp_model
 from .defaults import resolve_device
 from .hooks import EpochCheckpointer, HookBase, KnnMonitor, MetricsWriter, ProbeEvaluator
 
@@ -123,14 +123,9 @@ class PretrainTrainer:
         self.scaler = build_grad_scaler(self.dtype, self.device)
         logger.info(f"mixed precision: {self.dtype or 'off'}; channels_last: {cfg.MODEL.CHANNELS_LAST}")
         ddp = cfg.SOLVER.DDP
-        if self.world_size > 1:
-            self.ddp = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                gradient_as_bucket_view=ddp.GRADIENT_AS_BUCKET_VIEW, static_graph=ddp.STATIC_GRAPH,
-                bucket_cap_mb=ddp.BUCKET_CAP_MB,
-            )
-        else:
-            self.ddp = model
+        # broadcast_buffers=False (create_ddp_model's default), as the release.
+        self.ddp = create_ddp_model(model, self.device, gradient_as_bucket_view=ddp.GRADIENT_AS_BUCKET_VIEW,
+                                    static_graph=ddp.STATIC_GRAPH, bucket_cap_mb=ddp.BUCKET_CAP_MB)
         self.forward = build_forward(cfg, self.ddp)
         self.device_augment = (BatchedAugmentation.from_config(cfg, self.device)
                                if augment_on_device(cfg) else None)
@@ -161,12 +156,18 @@ class PretrainTrainer:
             h.trainer = self
 
     def _check_norm(self, model) -> None:
-        uses_sync = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
-        if uses_sync and self.world_size > 1 and self.device.type == "cpu":
-            raise ValueError("SyncBN (MODEL.RESNETS.NORM / MODEL.BYOL.HEAD_NORM) needs GPUs with several "
-                             "processes; use 'BN' for multi-process CPU runs")
-        if uses_sync and self.world_size == 1:
+        """Say which batch-norm statistics this run uses (the release: global batch)."""
+        n = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+        plain = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, torch.nn.SyncBatchNorm)
+                    for m in model.modules())
+        if n and self.world_size > 1:
+            logger.info(f"SyncBN: {n} batch-norm layers take their statistics from the global batch "
+                        f"({self.world_size} processes{', over gloo on CPU' if self.device.type == 'cpu' else ''})")
+        elif n:
             logger.info("SyncBN with a single process behaves as BN")
+        if plain and self.world_size > 1:
+            logger.warning(f"{plain} batch-norm layers use per-process statistics (MODEL.RESNETS.NORM / "
+                           "MODEL.BYOL.HEAD_NORM 'BN'); the release synchronises them ('SyncBN')")
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, name: str) -> None:
@@ -249,15 +250,22 @@ class PretrainTrainer:
     @torch.no_grad()
     def check_replicas_agree(self) -> bool:
         """Whether every process holds the same online and target weights (DDP's
-        promise; a mismatch means a non-deterministic or unsynchronised update)."""
-        fingerprint = [float(p.double().sum()) for p in self.model.parameters()]
-        fingerprint += [float(p.double().pow(2).sum()) for p in self.model.parameters()]
-        prints = comm.all_gather(fingerprint)
-        same = all(f == prints[0] for f in prints)
+        promise; a mismatch means a non-deterministic or unsynchronised update). Also
+        says whether the batch-norm running statistics agree: they do with SyncBN
+        (global statistics) and differ with per-process BN (buffers are not broadcast)."""
+
+        def fingerprint(tensors):
+            tensors = [t for t in tensors if t.is_floating_point()]
+            return [float(t.double().sum()) for t in tensors] + [float(t.double().pow(2).sum()) for t in tensors]
+
+        prints = comm.all_gather((fingerprint(self.model.parameters()), fingerprint(self.model.buffers())))
+        same = all(f[0] == prints[0][0] for f in prints)
         if same:
             logger.info(f"weights identical on all {self.world_size} processes")
         else:
             logger.warning(f"weights differ between the {self.world_size} processes")
+        stats = "identical" if all(f[1] == prints[0][1] for f in prints) else "different"
+        logger.info(f"batch-norm running statistics {stats} on the {self.world_size} processes")
         return same
 
     def run_epoch(self) -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from fvcore.common.registry import Registry
 from torch import nn
 
-from .layers import Conv2d, ShapeSpec, get_norm
+from .layers import Conv2d, ShapeSpec, cpu_capable_sync_bn, get_norm
 
 __all__ = ["BACKBONE_REGISTRY", "build_backbone", "ResNet", "build_resnet_backbone"]
 
@@ -170,7 +170,7 @@ def build_backbone(cfg) -> nn.Module:
     if use_detectron2():
         from detectron2.modeling import build_backbone as d2_build_backbone
 
-        return d2_build_backbone(cfg)
+        return cpu_capable_sync_bn(d2_build_backbone(cfg))
     name = cfg.MODEL.BACKBONE.NAME
     try:
         fn = BACKBONE_REGISTRY.get(name)
