@@ -146,3 +146,104 @@ def test_stream_acceptance_equals_the_slot_by_slot_rule(thr, tries, stream):
                     chosen.append(box)
                     break
         np.testing.assert_array_equal(grid[:, i].T, np.array(chosen))
+
+
+# ----------------------------------------------------------------------------- the pre-fix generator
+def release_iou(a, b):
+    """The release's bbox_iou: |areas|, and 0 whenever the intersection is empty."""
+    inter = max(min(a[2], b[2]) - max(a[0], b[0]), 0) * max(min(a[3], b[3]) - max(a[1], b[1]), 0)
+    if inter == 0:
+        return 0.0
+    area_a, area_b = abs((a[2] - a[0]) * (a[3] - a[1])), abs((b[2] - b[0]) * (b[3] - b[1]))
+    return inter / (area_a + area_b - inter)
+
+
+def test_flip_bug_option_leaves_unflipped_pairs_alone():
+    rng = np.random.default_rng(20)
+    g1, g2 = random_geoms(rng, 300, 0, 0)
+    fixed = BoxPairGenerator(input_size=S)(g1, g2, np.random.default_rng(1))
+    buggy = BoxPairGenerator(input_size=S, reproduce_flip_bug=True)(g1, g2, np.random.default_rng(1))
+    for a, b in zip(fixed, buggy):
+        np.testing.assert_array_equal(a, b)  # no flip: the same draws, the same boxes
+
+
+def test_flip_bug_keeps_the_unflipped_right_edge_of_a_flipped_view():
+    rng = np.random.default_rng(21)
+    g1, g2 = random_geoms(rng, 300, 0, 1)  # only view 2 flipped: acceptance is unchanged
+    f1, f2, valid = BoxPairGenerator(input_size=S)(g1, g2, np.random.default_rng(2))
+    b1, b2, valid_b = BoxPairGenerator(input_size=S, reproduce_flip_bug=True)(g1, g2, np.random.default_rng(2))
+    np.testing.assert_array_equal(valid, valid_b)
+    np.testing.assert_array_equal(b1, f1)
+    np.testing.assert_array_equal(b2[..., [0, 1, 3]], f2[..., [0, 1, 3]])
+    # fixed: [S - r, S - l]; pre-fix: [S - r, r] (clipped), r = the region's unflipped right edge
+    right = np.minimum(S - f2[..., 0], S)
+    np.testing.assert_allclose(b2[..., 2][valid], right[valid], atol=1e-4)
+    o1, o2 = view_to_original(b1, g1, S)[valid], view_to_original(b2, g2, S)[valid]
+    moved = np.abs(o1[:, [0, 2]] - o2[:, [0, 2]]).max(1) > 1.0
+    assert moved.mean() > 0.9  # the pairs no longer cover the same rectangle ...
+    sy = np.minimum(S / g1[:, 2], S / g2[:, 2])[:, None].repeat(10, 1)[valid]
+    assert (np.abs(o1[:, [1, 3]] - o2[:, [1, 3]]).max(1) * sy).max() <= 1.0  # ... though rows still match
+
+
+def test_flip_bug_affects_about_three_in_four_pairs():
+    rng = np.random.default_rng(22)
+    g1, g2 = random_geoms(rng, 2000)  # each view flipped with probability 0.5
+    b1, b2, valid = BoxPairGenerator(input_size=S, reproduce_flip_bug=True)(g1, g2, rng)
+    o1, o2 = view_to_original(b1, g1, S), view_to_original(b2, g2, S)
+    scale = np.minimum(S / g1[:, 3], S / g2[:, 3])[:, None]
+    same = (np.abs(o1 - o2).max(2) * scale <= 1.0)  # [B, K]: covers the same rectangle
+    either_flipped = (g1[:, 4] + g2[:, 4]) > 0
+    assert same[valid & ~either_flipped[:, None]].all()
+    assert same[valid & either_flipped[:, None]].mean() < 0.05
+    assert 0.70 < 1 - same[valid].mean() < 0.80
+    flipped1 = valid & (g1[:, 4] > 0)[:, None]  # a flipped view 1: x-range [S - r, r], clipped
+    np.testing.assert_allclose(np.clip(S - b1[..., 2], 0, S)[flipped1], b1[..., 0][flipped1], atol=1e-3)
+
+
+@pytest.mark.parametrize("thr,tries,stream", [(0.5, 50, 16), (0.3, 5, 3)])
+def test_flip_bug_acceptance_equals_the_release_loop_on_its_view1_boxes(thr, tries, stream):
+    """Pre-fix: the release rejected candidates by the IoU of their (buggy) view-1 boxes
+    with the image's earlier ones, inverted boxes included (IoU 0)."""
+    K, n = 6, 40
+    gen = BoxPairGenerator(input_size=S, num_boxes=K, min_size=16, iou_threshold=thr, max_tries=tries,
+                           stream_candidates=stream, reproduce_flip_bug=True)
+    rng = np.random.default_rng(12)
+    g1, g2 = random_geoms(rng, n, 1, None, img=(120, 140))
+    seqs = [[] for _ in range(n)]
+    draw = gen._draw
+
+    def recording_draw(geo, sel, c, r):
+        cand = draw(geo, sel, c, r)
+        for j, i in enumerate(sel):
+            seqs[i].extend(cand[:, j].T.tolist())
+        return cand
+
+    gen._draw = recording_draw
+    usable, *_ = gen._intersection(g1, g2)
+    rows = np.flatnonzero(usable)
+    inter = gen._intersection(g1[rows], g2[rows])
+    geo = (g1[rows], g2[rows], *inter[1:7], inter[7])
+    grid = gen._accept(geo, rng)
+    _, int_l, int_t, _, _, swmin, shmin, (sw1, sh1, _, _) = inter
+    inverted = 0
+    for i in range(rows.size):
+        gi = g1[rows[i]]
+
+        def view1(box):  # the release's arithmetic, flip bug included (view 1 is flipped here)
+            l = box[0] * sw1[i] / swmin[i] + (int_l[i] - gi[1]) * sw1[i]
+            r = box[2] * sw1[i] / swmin[i] + (int_l[i] - gi[1]) * sw1[i]
+            t = box[1] * sh1[i] / shmin[i] + (int_t[i] - gi[0]) * sh1[i]
+            b = box[3] * sh1[i] / shmin[i] + (int_t[i] - gi[0]) * sh1[i]
+            return [S - r, t, r, b]
+
+        seq, pos, chosen = np.array(seqs[i]), 0, []
+        for k in range(K):
+            for t in range(tries):
+                box = seq[pos]
+                pos += 1
+                if k == 0 or t == tries - 1 or max(release_iou(view1(box), view1(c)) for c in chosen) < thr:
+                    chosen.append(box)
+                    break
+        inverted += sum(view1(c)[0] > view1(c)[2] for c in chosen)
+        np.testing.assert_array_equal(grid[:, i].T, np.array(chosen))
+    assert inverted > 0  # the case where the release's IoU is 0 was exercised

@@ -2,6 +2,7 @@
 """Draw a few images' two views with their matched box pairs in the same colours.
 
     python tools/visualize_boxes.py --config-file configs/demo/scrl_demo.yaml --output boxes.png
+    python tools/visualize_boxes.py --output boxes_prefix.png MODEL.SCRL.REPRODUCE_FLIP_BUG True
 """
 import argparse
 import colorsys
@@ -31,6 +32,7 @@ def render(sample: dict, scale: int) -> Image.Image:
         for i, key in enumerate(("boxes1", "boxes2")):
             x1, y1, x2, y2 = (sample[key][k] * scale).tolist()
             off = i * (S * scale + 8)
+            x1, x2 = sorted((x1, x2))  # REPRODUCE_FLIP_BUG can give inverted boxes
             draw.rectangle([x1 + off, y1, x2 + off, y2], outline=color, width=2)
     if not valid.any():
         draw.text((4, 4), "views do not overlap: no boxes", fill="red")

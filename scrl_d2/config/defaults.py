@@ -75,6 +75,11 @@ _C.MODEL.SCRL.MAX_TRIES = 50
 _C.MODEL.SCRL.GRID_BASED = True
 _C.MODEL.SCRL.BOX_JITTER = False
 _C.MODEL.SCRL.BOX_JITTER_RATIO = 0.1
+# Reproduce the release's box generator before its flip fix (May 2021), which produced
+# the released checkpoints and the paper's table: a flipped view's box keeps its
+# unflipped right edge, so about 3 in 4 pairs do not cover the same content. Off: the
+# fixed generator (right). For reproducing those checkpoints' training or ablating the fix.
+_C.MODEL.SCRL.REPRODUCE_FLIP_BUG = False
 _C.MODEL.SCRL.POOLER_RESOLUTION = 1
 # <= 0: adaptive, as in the release (torchvision -1, Detectron2 0).
 _C.MODEL.SCRL.POOLER_SAMPLING_RATIO = 0

@@ -11,6 +11,15 @@ most ``max_tries`` draws; the last one is kept).
 The generator is vectorised over a whole batch: candidates are drawn for all images at
 once and only the ``K`` acceptance steps loop. It runs once per batch in the loader's
 collate step (a worker), never on the training thread.
+
+``reproduce_flip_bug`` (``MODEL.SCRL.REPRODUCE_FLIP_BUG``) reproduces the release's
+generator as it was before its May 2021 fix, the code that trained the released
+checkpoints: for a flipped view the new left edge was computed as ``S - right`` and the
+right edge then as ``S - left`` from the *overwritten* left, so it kept its unflipped
+value. A flipped view's box is then ``[S - right, right]`` (clipped), which covers other
+content than its partner (inverted where ``right < S / 2``), and the IoU rejection ran
+on those view-1 coordinates. With flips of probability 0.5 per view, about 3 in 4 pairs
+are affected.
 """
 from dataclasses import dataclass
 from typing import Tuple
@@ -65,6 +74,8 @@ class BoxPairGenerator:
     grid_based: bool = True
     jitter: bool = False
     jitter_ratio: float = 0.1
+    # The release's pre-fix flip arithmetic (see the module docstring); off: the fixed code.
+    reproduce_flip_bug: bool = False
     # Candidates drawn per image up front (fast path); more cost memory, fewer
     # leave images to the slot-by-slot path. Does not change the distribution.
     stream_candidates: int = 16
@@ -81,6 +92,7 @@ class BoxPairGenerator:
             grid_based=s.GRID_BASED,
             jitter=s.BOX_JITTER,
             jitter_ratio=s.BOX_JITTER_RATIO,
+            reproduce_flip_bug=s.REPRODUCE_FLIP_BUG,
         )
 
     def _intersection(self, g1: np.ndarray, g2: np.ndarray):
@@ -153,19 +165,44 @@ class BoxPairGenerator:
         while pending.size:
             cand = self._draw(geo, pending, c, rng)  # [4, p, c]
             sub = out[:, pending]
-            f, s = self._consume(cand, sub, fill[pending], spent[pending])
+            key = self._flip_bug_key(geo, pending) if self.reproduce_flip_bug else None
+            f, s = self._consume(cand, sub, fill[pending], spent[pending], key)
             out[:, pending], fill[pending], spent[pending] = sub, f, s
             pending = pending[f < K]
             # No slot may pass its try budget inside a stream (see _consume).
             c = int(min(4 * self.stream_candidates, T - spent[pending].max(initial=0)))
         return out
 
-    def _consume(self, cand: np.ndarray, out: np.ndarray, fill: np.ndarray, spent: np.ndarray):
+    def _flip_bug_key(self, geo, sel: np.ndarray):
+        """Grid boxes ``[4, p, X]`` of images ``sel`` -> the coordinates the pre-fix release
+        compared IoUs in: view 1's, where a flipped view 1 has x-range ``[S - r, r]``
+        (``r`` its unflipped right edge). Rows of an unflipped view 1 stay in grid units
+        (the same IoUs: the map is a per-axis scale and shift)."""
+        g1, _, int_l, _, _, _, swmin, _, (sw1, _, _, _) = geo
+        flip = (g1[sel, 4] > 0.5)[:, None]
+        if not flip.any():
+            return None
+        a = (sw1[sel] / swmin[sel])[:, None]
+        off = ((int_l[sel] - g1[sel, 1]) * sw1[sel])[:, None]
+        S = self.input_size
+
+        def key(b: np.ndarray) -> np.ndarray:
+            r = b[2] * a + off
+            k = b.copy()
+            k[0] = np.where(flip, S - r, b[0])
+            k[2] = np.where(flip, r, b[2])
+            return k
+
+        return key
+
+    def _consume(self, cand: np.ndarray, out: np.ndarray, fill: np.ndarray, spent: np.ndarray, key=None):
         """Fill the open slots of ``out [4, p, K]`` from the stream ``cand [4, p, c]``
         (``spent + c <= max_tries``); returns the updated ``fill`` and ``spent``. Few,
-        whole-array numpy operations per slot: this loop is the generator's cost."""
+        whole-array numpy operations per slot: this loop is the generator's cost.
+        ``key`` maps boxes to the coordinates IoUs are compared in (None: as drawn)."""
         K, T, thr = self.num_boxes, self.max_tries, self.iou_threshold
         p, c = cand.shape[1:]
+        kc = cand if key is None else key(cand).astype(cand.dtype)
         rows = np.arange(p)
         reject = thr < 1.0  # threshold 1: every draw is accepted, as in the release
         steps = K - int(fill.min())
@@ -174,9 +211,12 @@ class BoxPairGenerator:
             found = picks < c
         else:
             # IoU(a, b) < thr  <=>  inter < thr / (1 + thr) * (area_a + area_b)
-            half = (cand[2] - cand[0]) * (cand[3] - cand[1]) * np.float32(thr / (1.0 + thr))
+            half = (kc[2] - kc[0]) * (kc[3] - kc[1]) * np.float32(thr / (1.0 + thr))
+            if key is not None:  # inverted boxes: the release's IoU takes |area| (and is 0)
+                half = np.abs(half)
             if fill.any():  # candidates too close to boxes of earlier rounds are out
-                iou = box_iou(cand.transpose(1, 2, 0), out.transpose(1, 2, 0))  # [p, c, K]
+                ko = out if key is None else key(out)
+                iou = box_iou(kc.transpose(1, 2, 0), ko.transpose(1, 2, 0))  # [p, c, K]
                 iou = np.where(np.arange(K)[None, None] < fill[:, None, None], iou, 0.0)
                 alive = iou.max(axis=2) < thr
             else:
@@ -184,7 +224,7 @@ class BoxPairGenerator:
             picks = np.zeros((p, steps), dtype=np.int64)
             lo = np.empty((2, p, c), dtype=cand.dtype)
             hi = np.empty((2, p, c), dtype=cand.dtype)
-            flat, half_flat, base = cand.reshape(4, p * c), half.reshape(-1), rows * c
+            flat, half_flat, base = kc.reshape(4, p * c), half.reshape(-1), rows * c
             first_ok = alive.any(axis=1)
             for k in range(steps):
                 # The first live candidate: everything before it was rejected, and the
@@ -192,11 +232,13 @@ class BoxPairGenerator:
                 idx = picks[:, k] = alive.argmax(axis=1)
                 at = base + idx
                 picked = flat.take(at, axis=1)[:, :, None]
-                np.maximum(cand[:2], picked[:2], out=lo)
-                np.minimum(cand[2:], picked[2:], out=hi)
+                np.maximum(kc[:2], picked[:2], out=lo)
+                np.minimum(kc[2:], picked[2:], out=hi)
                 hi -= lo
                 np.maximum(hi, 0.0, out=hi)
                 alive &= hi[0] * hi[1] < half + half_flat.take(at)[:, None]
+                if key is not None:  # an inverted pick has IoU 0 with itself
+                    alive.reshape(-1)[at] = False
                 if not alive.any():  # every stream is dry (typical of the few later rounds)
                     break
             # Picks of a row strictly increase until its stream is dry (argmax of an
@@ -256,7 +298,8 @@ class BoxPairGenerator:
             flip = (g[:, 4] > 0.5)[:, None]
             if flip.any():
                 x0 = np.where(flip, S - v[2], v[0])
-                v[2] = np.where(flip, S - v[0], v[2])
+                if not self.reproduce_flip_bug:  # the bug: right = S - (the new left) = old right
+                    v[2] = np.where(flip, S - v[0], v[2])
                 v[0] = x0
             views.append(v)
         v1, v2 = views
