@@ -149,3 +149,38 @@ def test_coco_protocol_config_runs_on_the_synthetic_data_with_detectron2(tmp_pat
                 env_extra={**datasets_env, "SCRL_D2_BACKEND": "detectron2"})
     assert "Detectron2's DefaultTrainer" in r.stdout
     _finite(json.load(open(os.path.join(out, "results.json"))), ["bbox"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torchvision_detector_keeps_box_coordinates_float32_under_autocast(dtype, monkeypatch):
+    """Anchors, proposals and detections: in bf16 a coordinate near 1000 px would round
+    to 4 px; they must be float32 and equal the fp32 arithmetic."""
+    monkeypatch.setenv("SCRL_D2_BACKEND", "torchvision")
+    from torchvision.models.detection.image_list import ImageList
+
+    from scrl_d2.config import get_cfg
+    from scrl_d2.detection.torchvision_model import build_torchvision_detector
+
+    cfg = get_cfg()
+    cfg.merge_from_file(DEMO)
+    cfg.merge_from_list(["INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "256"])
+    torch.manual_seed(0)
+    model = build_torchvision_detector(cfg).eval()
+    # anchors of an 800 x 1216 input: the generator only reads the maps' shapes and dtype
+    images = ImageList(torch.zeros(1, 3, 800, 1216), [(800, 1216)])
+    maps = [torch.zeros(1, 1, 800 // s, 1216 // s, dtype=dtype) for s in (4, 8, 16, 32, 64)]
+    anchors = model.rpn.anchor_generator(images, maps)[0]
+    ref = model.rpn.anchor_generator(images, [m.float() for m in maps])[0]
+    assert anchors.dtype == torch.float32 and torch.equal(anchors, ref) and anchors.max() > 1000
+    deltas = (torch.randn(500, 4) * 0.5).to(dtype)
+    for coder in (model.rpn.box_coder, model.roi_heads.box_coder):
+        decoded = coder.decode(deltas, [ref[-500:]])
+        assert decoded.dtype == torch.float32
+        torch.testing.assert_close(decoded, coder.decode(deltas.float(), [ref[-500:]]), rtol=0, atol=0)
+    # end to end: the proposals RoIAlign receives and the detections are float32
+    seen = {}
+    model.roi_heads.box_roi_pool.register_forward_pre_hook(lambda m, args: seen.update(proposals=args[1]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        assert model.backbone.body.conv1(torch.zeros(1, 3, 8, 8)).dtype == dtype  # autocast is on
+        out = model([torch.rand(3, 96, 160)])[0]
+    assert seen["proposals"][0].dtype == torch.float32 and out["boxes"].dtype == torch.float32

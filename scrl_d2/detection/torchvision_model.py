@@ -2,12 +2,13 @@
 Detectron2-style config keys (norms per layer, 4conv1fc box head, anchors, RPN/ROI
 sampling, pixel mean/std in 0-255 RGB)."""
 import logging
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torchvision
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
@@ -30,6 +31,32 @@ def norm_layer(norm: str, key: str) -> Optional[Callable[[int], nn.Module]]:
     if norm not in table:
         raise ValueError(f"{key}: unknown norm {norm!r}; use one of {sorted(k for k in table if k)} or ''")
     return table[norm]
+
+
+class Float32AnchorGenerator(AnchorGenerator):
+    """torchvision makes anchors in the feature maps' dtype: under bf16 autocast an
+    anchor's corners (up to ~1333 px) would round to 4-8 px. Always float32."""
+
+    def set_cell_anchors(self, dtype: torch.dtype, device: torch.device) -> None:
+        super().set_cell_anchors(torch.float32, device)
+
+
+class Float32BoxCoder(BoxCoder):
+    """torchvision decodes boxes in the deltas' dtype (bf16 / fp16 under autocast), so
+    proposals and detections would lose whole pixels; decode in float32 as Detectron2's
+    ``Box2BoxTransform`` does."""
+
+    def decode(self, rel_codes: torch.Tensor, boxes: List[torch.Tensor]) -> torch.Tensor:
+        return super().decode(rel_codes.float(), [b.float() for b in boxes])
+
+
+def _exact_boxes(model: nn.Module) -> nn.Module:
+    """Box coordinates in float32 whatever the autocast dtype (anchors, proposals, detections)."""
+    for coder_owner in (model.rpn, model.roi_heads):
+        c = coder_owner.box_coder
+        coder_owner.box_coder = Float32BoxCoder(c.weights, c.bbox_xform_clip)
+    model.rpn.anchor_generator.__class__ = Float32AnchorGenerator
+    return model
 
 
 def _resnet_fpn(cfg) -> BackboneWithFPN:
@@ -99,7 +126,7 @@ def build_torchvision_detector(cfg) -> nn.Module:
                          mask_predictor=MaskRCNNPredictor(mh.CONV_DIM, mh.CONV_DIM, num_classes), **kwargs)
     else:
         model = FasterRCNN(backbone, num_classes=None, **kwargs)
-    return model
+    return _exact_boxes(model)
 
 
 def load_detector_weights(model: nn.Module, path: str) -> str:
