@@ -110,6 +110,27 @@ def test_batch_and_per_sample_generation_agree_in_distribution():
     assert abs(w_b - w_s) / w_s < 0.05
 
 
+def accept_recording_draws(gen, g1, g2, rng):
+    """The accepted grid boxes ``[4, n', K]`` of the usable images, every draw each of
+    them saw (in order), their rows in the batch and their intersection geometry."""
+    usable, *_ = gen._intersection(g1, g2)
+    rows = np.flatnonzero(usable)
+    assert rows.size > 10
+    seqs = [[] for _ in range(rows.size)]
+    draw = gen._draw
+
+    def recording_draw(geo, sel, c, r):
+        cand = draw(geo, sel, c, r)
+        for j, i in enumerate(sel):
+            seqs[i].extend(cand[:, j].T.tolist())
+        return cand
+
+    gen._draw = recording_draw
+    inter = gen._intersection(g1[rows], g2[rows])
+    geo = (g1[rows], g2[rows], *inter[1:7], inter[7])
+    return gen._accept(geo, rng), seqs, rows, inter
+
+
 @pytest.mark.parametrize("thr,tries,stream", [(0.5, 50, 16), (0.3, 5, 3), (0.7, 12, 4), (1.0, 50, 4)])
 def test_stream_acceptance_equals_the_slot_by_slot_rule(thr, tries, stream):
     """Whatever the stream length and round split, each slot takes the first candidate
@@ -120,23 +141,8 @@ def test_stream_acceptance_equals_the_slot_by_slot_rule(thr, tries, stream):
                            stream_candidates=stream)
     rng = np.random.default_rng(11)
     g1, g2 = random_geoms(rng, n, 0, 0, img=(120, 140))
-    seqs = [[] for _ in range(n)]  # every draw each image saw, in order
-    draw = gen._draw
-
-    def recording_draw(geo, sel, c, r):
-        cand = draw(geo, sel, c, r)
-        for j, i in enumerate(sel):
-            seqs[i].extend(cand[:, j].T.tolist())
-        return cand
-
-    gen._draw = recording_draw
-    usable, *_ = gen._intersection(g1, g2)
-    geo_rows = np.flatnonzero(usable)
-    assert geo_rows.size > 10
-    inter = gen._intersection(g1[geo_rows], g2[geo_rows])
-    geo = (g1[geo_rows], g2[geo_rows], *inter[1:7], inter[7])
-    grid = gen._accept(geo, rng)  # [4, n', K]
-    for i in range(geo_rows.size):
+    grid, seqs, _, _ = accept_recording_draws(gen, g1, g2, rng)
+    for i in range(grid.shape[1]):
         seq, pos, chosen = np.array(seqs[i]), 0, []
         for k in range(K):
             for t in range(tries):
@@ -209,21 +215,7 @@ def test_flip_bug_acceptance_equals_the_release_loop_on_its_view1_boxes(thr, tri
                            stream_candidates=stream, reproduce_flip_bug=True)
     rng = np.random.default_rng(12)
     g1, g2 = random_geoms(rng, n, 1, None, img=(120, 140))
-    seqs = [[] for _ in range(n)]
-    draw = gen._draw
-
-    def recording_draw(geo, sel, c, r):
-        cand = draw(geo, sel, c, r)
-        for j, i in enumerate(sel):
-            seqs[i].extend(cand[:, j].T.tolist())
-        return cand
-
-    gen._draw = recording_draw
-    usable, *_ = gen._intersection(g1, g2)
-    rows = np.flatnonzero(usable)
-    inter = gen._intersection(g1[rows], g2[rows])
-    geo = (g1[rows], g2[rows], *inter[1:7], inter[7])
-    grid = gen._accept(geo, rng)
+    grid, seqs, rows, inter = accept_recording_draws(gen, g1, g2, rng)
     _, int_l, int_t, _, _, swmin, shmin, (sw1, sh1, _, _) = inter
     inverted = 0
     for i in range(rows.size):
