@@ -222,11 +222,10 @@ def test_flip_bug_acceptance_equals_the_release_loop_on_its_view1_boxes(thr, tri
         gi = g1[rows[i]]
 
         def view1(box):  # the release's arithmetic, flip bug included (view 1 is flipped here)
-            l = box[0] * sw1[i] / swmin[i] + (int_l[i] - gi[1]) * sw1[i]
-            r = box[2] * sw1[i] / swmin[i] + (int_l[i] - gi[1]) * sw1[i]
-            t = box[1] * sh1[i] / shmin[i] + (int_t[i] - gi[0]) * sh1[i]
-            b = box[3] * sh1[i] / shmin[i] + (int_t[i] - gi[0]) * sh1[i]
-            return [S - r, t, r, b]
+            right = box[2] * sw1[i] / swmin[i] + (int_l[i] - gi[1]) * sw1[i]
+            top = box[1] * sh1[i] / shmin[i] + (int_t[i] - gi[0]) * sh1[i]
+            bottom = box[3] * sh1[i] / shmin[i] + (int_t[i] - gi[0]) * sh1[i]
+            return [S - right, top, right, bottom]
 
         seq, pos, chosen = np.array(seqs[i]), 0, []
         for k in range(K):
