@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
 import torch
-from torchvision.ops import roi_align
 from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.ops import roi_align
 
 __all__ = ["PoolingAudit", "audit_pooling"]
 
@@ -51,16 +51,15 @@ class PoolingAudit:
 
 
 class _RoiAlignRecorder(TorchDispatchMode):
-    """Records the (input dtype, RoIs) of every RoIAlign kernel call."""
+    """Records the RoIs of every RoIAlign kernel call, as the kernel receives them (below
+    autocast and any wrapper's casts)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: List[torch.Tensor] = []
-        self.input_dtypes: List[torch.dtype] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.name() == "torchvision::roi_align":
-            self.input_dtypes.append(args[0].dtype)
             self.calls.append(args[1].detach().clone())
         return func(*args, **(kwargs or {}))
 
