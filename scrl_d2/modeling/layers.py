@@ -38,7 +38,7 @@ def get_norm1d(norm: str, channels: int) -> nn.Module:
         from detectron2.layers import get_norm as d2_get_norm
 
         return flat_norm(cpu_capable_sync_bn(d2_get_norm(norm, channels)))
-    return nn.BatchNorm1d(channels) if norm == "BN" else flat_norm(SyncBatchNorm(channels))
+    return nn.BatchNorm1d(channels) if norm == "BN" else SyncBatchNorm(channels)
 
 
 class _AllReduceSum(torch.autograd.Function):
