@@ -13,10 +13,13 @@ R-CNN); SCRL / BYOL configs pretrain.
 import logging
 import sys
 
-from scrl_d2.config import ConfigError, get_cfg
+from torch.multiprocessing import ProcessExitedException
+
+from scrl_d2.config import ConfigError, check_config, get_cfg
 from scrl_d2.detection import is_detection_config, run_finetune
 from scrl_d2.detection.coco_eval import print_results
-from scrl_d2.engine import PretrainTrainer, default_argument_parser, default_setup, launch
+from scrl_d2.engine import PretrainTrainer, default_argument_parser, default_setup, launch, run_main
+from scrl_d2.engine.defaults import EXIT_BAD_INPUT, EXIT_FAILED
 from scrl_d2.evaluation import Encoder, LinearEvaluator
 from scrl_d2.utils import comm
 
@@ -84,17 +87,23 @@ def evaluate_checkpoint(cfg) -> None:
 
 
 def cli(argv=None) -> None:
+    """Bad input ends with one line on stderr and exit status 2, a diverged run with 3
+    (see scrl_d2.engine.run_main); SCRL_D2_DEBUG=1 prints tracebacks too."""
     args = default_argument_parser().parse_args(argv)
     try:  # fail on config errors here, with a clear message, before any process starts
         cfg = get_cfg()
         if args.config_file:
             cfg.merge_from_file(args.config_file)
         cfg.merge_from_list(args.opts or [])
+        check_config(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+        sys.exit(EXIT_BAD_INPUT)
+    try:
+        launch(run_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(main, args))
+    except ProcessExitedException as e:  # a process ended with its own message and status
+        sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else EXIT_FAILED)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,52 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from fvcore.common.checkpoint import Checkpointer as _FvCheckpointer
 
-__all__ = ["atomic_write", "atomic_torch_save", "load_checkpoint_file", "Checkpointer", "list_epoch_checkpoints"]
+__all__ = ["atomic_write", "atomic_torch_save", "load_checkpoint_file", "Checkpointer", "list_epoch_checkpoints",
+           "CheckpointWriteError", "remove_stale_temporaries", "prune_epoch_checkpoints"]
 
 logger = logging.getLogger("scrl_d2.checkpoint")
+_TMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_write's temporary names
 
 
-def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Call ``write(f)`` on a temporary file, fsync it, then rename it to ``path``."""
+class CheckpointWriteError(OSError):
+    """A checkpoint (or any file written atomically) that could not be written: full disk,
+    quota, permissions. Names the file, the free space and the size needed; the previous
+    file of that name is intact."""
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _umask_mode()  # what open() would give a new file here
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors and arrays in ``obj``: about what ``torch.save`` writes."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return getattr(obj, "nbytes", 0) if hasattr(obj, "dtype") else 0
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 28 else f"{n / 2 ** 20:.1f} MiB"
+
+
+def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb", size_hint: int = 0) -> None:
+    """Call ``write(f)`` on a temporary file, fsync it, then rename it to ``path`` (with
+    the mode the umask gives new files). A failed write raises :class:`CheckpointWriteError`
+    naming the file, the free space and ``size_hint``; the temporary file is removed."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
@@ -31,15 +65,49 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> N
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600: teammates must read checkpoints
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, CheckpointWriteError):
+            free = shutil.disk_usage(directory).free
+            need = f", about {_gib(size_hint)} needed" if size_hint else ""
+            raise CheckpointWriteError(f"cannot write {path}: {e} ({_gib(free)} free in {directory}{need}); "
+                                       "the previous file of that name, if any, is intact") from e
         raise
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f), size_hint=_nbytes(obj))
+
+
+def prune_epoch_checkpoints(directory: str, keep_last: int, keep: Sequence[str] = ()) -> List[str]:
+    """Delete all but the newest ``keep_last`` ``checkpoint_{epoch}[_iter{n}].pth`` files of
+    ``directory`` (0: keep all), never one named in ``keep`` nor the one ``checkpoint_last``
+    points to. Returns the deleted paths."""
+    if keep_last <= 0:
+        return []
+    found = list_epoch_checkpoints(directory)
+    last = os.path.realpath(os.path.join(directory, "checkpoint_last.pth"))
+    keep = {os.path.realpath(k) for k in keep} | {last}
+    gone = [f for f in found[:-keep_last] if os.path.realpath(f) not in keep]
+    for f in gone:
+        os.remove(f)
+    return gone
+
+
+def remove_stale_temporaries(directory: str) -> List[str]:
+    """Delete the temporary files of writes that a kill interrupted; returns their names."""
+    if not os.path.isdir(directory):
+        return []
+    stale = [f for f in os.listdir(directory) if _TMP_RE.match(f)]
+    for f in stale:
+        try:
+            os.remove(os.path.join(directory, f))
+        except OSError:
+            pass
+    return stale
 
 
 def load_checkpoint_file(path: str) -> Dict[str, Any]:
@@ -87,6 +155,10 @@ class Checkpointer(_base_checkpointer()):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.strict = strict
         self.logger = logger
+        if save_dir and save_to_disk:
+            stale = remove_stale_temporaries(save_dir)
+            if stale:
+                logger.info(f"removed {len(stale)} temporary file(s) of interrupted writes in {save_dir}")
 
     def save(self, name: str, tag_last: bool = True, **kwargs: Any) -> str:
         """Write ``name.pth``; ``tag_last=False`` leaves ``checkpoint_last`` alone (best-so-far files)."""

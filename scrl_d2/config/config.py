@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, Optional
 import yaml
 from fvcore.common.config import CfgNode as _FvCfgNode
 
-__all__ = ["CfgNode", "ConfigError", "get_cfg", "add_scrl_config", "configurable"]
+__all__ = ["CfgNode", "ConfigError", "get_cfg", "add_scrl_config", "configurable", "check_config"]
 
 
 class ConfigError(ValueError):
@@ -103,6 +103,39 @@ def get_cfg() -> CfgNode:
     cfg = CfgNode(d2_get_cfg())
     _overlay(cfg, ours)
     return cfg
+
+
+# Values a run cannot use, caught before any process starts: (key, valid?, what is expected).
+_RULES = [
+    ("SOLVER.IMS_PER_GPU", lambda v: v >= 1, "an integer >= 1 (images per process)"),
+    ("TEST.IMS_PER_GPU", lambda v: v >= 1, "an integer >= 1"),
+    ("LINEAR_EVAL.IMS_PER_GPU", lambda v: v >= 1, "an integer >= 1"),
+    ("SOLVER.EPOCHS", lambda v: v >= 1, "an integer >= 1"),
+    ("SOLVER.WARMUP_EPOCHS", lambda v: v >= 0, "an integer >= 0"),
+    ("SOLVER.MAX_ITER", lambda v: v >= 0, "an integer >= 0 (0: the whole schedule)"),
+    ("SOLVER.BASE_LR", lambda v: 0 < v < float("inf"), "a finite number > 0"),
+    ("SOLVER.SNAPSHOT_INTERVAL", lambda v: v >= 1, "an integer >= 1 (epochs)"),
+    ("SOLVER.SNAPSHOT_MAX_TO_KEEP", lambda v: v >= 0, "an integer >= 0 (0: keep all)"),
+    ("DATALOADER.NUM_WORKERS", lambda v: v >= 0, "an integer >= 0"),
+    ("INPUT.CROP_SIZE", lambda v: v >= 1, "an integer >= 1 (pixels)"),
+    ("MODEL.SCRL.NUM_BOXES", lambda v: v >= 1, "an integer >= 1"),
+    ("MODEL.SCRL.MIN_SIZE", lambda v: v >= 1, "an integer >= 1 (pixels)"),
+    ("MODEL.SCRL.MAX_TRIES", lambda v: v >= 1, "an integer >= 1"),
+    ("MODEL.SCRL.IOU_THRESHOLD", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ("LINEAR_EVAL.EPOCHS", lambda v: v >= 1, "an integer >= 1"),
+    ("KNN.K", lambda v: v >= 1, "an integer >= 1"),
+    ("LOG_PERIOD", lambda v: v >= 1, "an integer >= 1 (iterations)"),
+]
+
+
+def check_config(cfg: _FvCfgNode) -> None:
+    """Raise :class:`ConfigError` naming the first key whose value cannot work."""
+    for key, ok, expected in _RULES:
+        node: Any = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, _FvCfgNode) else None
+        if node is not None and not ok(node):
+            raise ConfigError(f"{key}: {node!r} is not valid; expected {expected}")
 
 
 def _overlay(dst: _FvCfgNode, src: _FvCfgNode) -> None:

@@ -164,6 +164,9 @@ _C.SOLVER.WARMUP_EPOCHS = 10
 _C.SOLVER.MAX_ITER = 0
 # Write checkpoint_{epoch}.pth every this many epochs (and at the last epoch).
 _C.SOLVER.SNAPSHOT_INTERVAL = 20
+# Keep only the newest this many checkpoint_{epoch}.pth files (0: all); checkpoint_best.pth
+# and the one checkpoint_last.pth names are always kept.
+_C.SOLVER.SNAPSHOT_MAX_TO_KEEP = 0
 _C.SOLVER.AMP = CN()
 _C.SOLVER.AMP.ENABLED = True
 # "auto": bfloat16 where supported, else float16 with a gradient scaler.

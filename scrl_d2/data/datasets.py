@@ -227,21 +227,20 @@ class EvalDataset(torch.utils.data.Dataset):
     """Deterministic evaluation view: resize (short side) then centre crop, uint8."""
 
     def __init__(self, dicts: List[dict], crop_size: int, resize_size: int, interpolation: str = "bicubic"):
-        import torchvision.transforms.functional as F
         from torchvision.transforms import InterpolationMode
 
         self.reader = _RobustReader(dicts)
-        self._F, self._interp = F, InterpolationMode(interpolation)
+        # Plain attributes only: loader workers of spawned processes pickle the dataset.
+        self._interp = InterpolationMode(interpolation)
         self.crop_size, self.resize_size = crop_size, resize_size
 
     def __len__(self) -> int:
         return len(self.reader.dicts)
 
     def __getitem__(self, index: int) -> dict:
-        F = self._F
         img, d, skipped = self.reader.read(index, np.random.default_rng(index))
-        img = F.center_crop(F.resize(img, self.resize_size, self._interp), self.crop_size)
-        return {"image": F.pil_to_tensor(img), "label": d.get("label", -1), "skipped": skipped}
+        img = TF.center_crop(TF.resize(img, self.resize_size, self._interp), self.crop_size)
+        return {"image": TF.pil_to_tensor(img), "label": d.get("label", -1), "skipped": skipped}
 
 
 class SeededSampler(torch.utils.data.Sampler):

@@ -52,10 +52,7 @@ class TorchvisionDetectionTrainer:
         self.cfg = cfg
         self.device = resolve_device(cfg)
         self.world = comm.get_world_size()
-        model = build_torchvision_detector(cfg)
-        if any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()) and self.world > 1 \
-                and self.device.type == "cpu":
-            raise ValueError("SyncBN needs GPUs with several processes; use 'BN' for multi-process CPU runs")
+        model = build_torchvision_detector(cfg)  # SyncBN also synchronises CPU processes (gloo)
         self.model = model.to(self.device)
         params = {"default": [], "norm": []}
         norm_types = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm)

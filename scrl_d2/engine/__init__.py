@@ -1,8 +1,16 @@
 from .ddp import create_ddp_model
-from .defaults import default_argument_parser, default_setup, resolve_device, resolve_output_dir
+from .defaults import (
+    TrainingDiverged,
+    default_argument_parser,
+    default_setup,
+    resolve_device,
+    resolve_output_dir,
+    run_main,
+)
 from .hooks import EpochCheckpointer, HookBase, MetricsWriter, ProbeEvaluator
 from .launch import launch
 from .trainer import PretrainTrainer, amp_dtype
 
-__all__ = ["create_ddp_model", "default_argument_parser", "default_setup", "resolve_device", "resolve_output_dir",
-           "EpochCheckpointer", "HookBase", "MetricsWriter", "ProbeEvaluator", "launch", "PretrainTrainer", "amp_dtype"]
+__all__ = ["TrainingDiverged", "run_main", "create_ddp_model", "default_argument_parser", "default_setup",
+           "resolve_device", "resolve_output_dir", "EpochCheckpointer", "HookBase", "MetricsWriter", "ProbeEvaluator",
+           "launch", "PretrainTrainer", "amp_dtype"]

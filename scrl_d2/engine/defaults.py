@@ -9,12 +9,77 @@ from typing import Optional
 
 import numpy as np
 import torch
+import yaml
 
 from ..checkpoint import atomic_write, list_epoch_checkpoints
 from ..utils import comm
 from ..utils.logger import setup_logger
 
-__all__ = ["default_argument_parser", "default_setup", "resolve_output_dir", "seed_all_rng", "resolve_device"]
+__all__ = ["default_argument_parser", "default_setup", "resolve_output_dir", "seed_all_rng", "resolve_device",
+           "run_main", "TrainingDiverged", "EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_FAILED"]
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED = 1, 2, 3
+
+
+class TrainingDiverged(FloatingPointError):
+    """A non-finite loss or weight: the run stops before it can write a checkpoint of it."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected 1 or more")
+    return value
+
+
+def _exit_code(e: BaseException) -> int:
+    """2 for bad input (config, paths, files, names), 3 for divergence, 1 otherwise."""
+    from ..checkpoint import CheckpointWriteError
+    from ..config import ConfigError
+
+    if isinstance(e, TrainingDiverged):
+        return EXIT_DIVERGED
+    if isinstance(e, CheckpointWriteError):
+        return EXIT_FAILED
+    if isinstance(e, (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError,
+                      ImportError)):
+        return EXIT_BAD_INPUT
+    return EXIT_FAILED
+
+
+def _log_to_files(msg: str, exc_info) -> None:
+    """The message and traceback into every process's log.txt (not to the console)."""
+    log = logging.getLogger("scrl_d2")
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, msg, None, exc_info)
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+
+
+def run_main(main_func, *args) -> None:
+    """Run ``main_func(*args)`` in this process. A known failure ends the process with one
+    line on stderr and its exit status: 2 bad input, 3 divergence, 1 an unwritable
+    checkpoint; the full traceback goes to log.txt (and to stderr with SCRL_D2_DEBUG=1).
+    Anything else is raised as usual (traceback, exit status 1), and logged to log.txt."""
+    from ..checkpoint import CheckpointWriteError
+
+    try:
+        main_func(*args)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:
+        _log_to_files(f"fatal error: {type(e).__name__}: {e}", sys.exc_info())
+        code = _exit_code(e)
+        known = code != EXIT_FAILED or isinstance(e, CheckpointWriteError)
+        if not known or os.environ.get("SCRL_D2_DEBUG"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        rank = f"[rank {comm.get_rank()}] " if comm.get_world_size() > 1 else ""
+        print(f"{rank}error: {msg}", file=sys.stderr, flush=True)
+        sys.exit(code)
 
 
 def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -40,9 +105,9 @@ Two machines:
                              "empty OUTPUT_DIR, continue the newest numbered run of this config)")
     parser.add_argument("--eval-only", action="store_true",
                         help="evaluate a checkpoint (LOAD_DIR, OUTPUT_DIR or MODEL.WEIGHTS) without training")
-    parser.add_argument("--num-gpus", type=int, default=1,
+    parser.add_argument("--num-gpus", type=_positive_int, default=1,
                         help="processes per machine (GPUs; CPU processes with gloo when there is no GPU)")
-    parser.add_argument("--num-machines", type=int, default=1, help="total number of machines")
+    parser.add_argument("--num-machines", type=_positive_int, default=1, help="total number of machines")
     parser.add_argument("--machine-rank", type=int, default=0, help="the rank of this machine")
     parser.add_argument("--dist-url", default="auto",
                         help="initialisation URL, tcp://HOST:PORT of the main machine; 'auto' picks a free port "
@@ -69,6 +134,24 @@ def resolve_output_dir(cfg, config_file: str, resume: bool) -> str:
     return os.path.join("output", f"{stem}_{(runs[-1] + 1) if runs else 0}")
 
 
+def _save_config(cfg, logger: logging.Logger) -> None:
+    """``config.yaml`` of a new run; a resumed run keeps its own, and a config that differs
+    from it is saved as ``config_resume_<n>.yaml``."""
+    path = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
+    text = cfg.dump()
+    if list_epoch_checkpoints(cfg.OUTPUT_DIR) and os.path.isfile(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
+        n = 0
+        while os.path.exists(os.path.join(cfg.OUTPUT_DIR, f"config_resume_{n}.yaml")):
+            n += 1
+        path = os.path.join(cfg.OUTPUT_DIR, f"config_resume_{n}.yaml")
+        logger.warning(f"the config differs from the run's config.yaml (kept); this one is saved as {path}")
+    atomic_write(path, lambda f: f.write(text), mode="w")
+    logger.info(f"config saved to {path}")
+
+
 def seed_all_rng(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -88,14 +171,34 @@ def resolve_device(cfg) -> torch.device:
     return torch.device("cpu")
 
 
+def _run_seed(directory: str) -> Optional[int]:
+    """The SEED a run with checkpoints in ``directory`` resolved at its first start
+    (from its ``config.yaml``), or None."""
+    path = os.path.join(directory, "config.yaml")
+    if not directory or not list_epoch_checkpoints(directory) or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            seed = (yaml.safe_load(f) or {}).get("SEED")
+    except (OSError, yaml.YAMLError):
+        return None
+    return seed if isinstance(seed, int) and seed >= 0 else None
+
+
 def default_setup(cfg, args) -> None:
     """Resolve OUTPUT_DIR and SEED (the same on every process), set up logging, log the
-    environment and the full config, and save the config as ``OUTPUT_DIR/config.yaml``."""
+    environment and the full config, and save the config as ``OUTPUT_DIR/config.yaml``.
+
+    A run that resumes keeps what it resolved at its first start: with ``SEED -1`` it
+    continues with the seed it drew then (so it ends as an uninterrupted run would), and
+    its ``config.yaml`` is kept (a changed config is saved beside it)."""
     cfg.defrost()
     out = resolve_output_dir(cfg, getattr(args, "config_file", ""), getattr(args, "resume", False))
     cfg.OUTPUT_DIR = comm.broadcast_object(out)
+    resumed_seed = _run_seed(cfg.LOAD_DIR or cfg.OUTPUT_DIR)
     if cfg.SEED < 0:
-        cfg.SEED = comm.broadcast_object(int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF)
+        seed = resumed_seed if resumed_seed is not None else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+        cfg.SEED = comm.broadcast_object(seed)
     cfg.freeze()
     rank = comm.get_rank()
     if comm.is_main_process():
@@ -114,8 +217,9 @@ def default_setup(cfg, args) -> None:
     if getattr(args, "config_file", ""):
         logger.info(f"config file {args.config_file}")
     logger.debug(f"full config:\n{cfg.dump()}")
+    if resumed_seed is not None and cfg.SEED == resumed_seed:
+        logger.info(f"resuming run {cfg.LOAD_DIR or cfg.OUTPUT_DIR} with its seed {cfg.SEED}")
     if comm.is_main_process():
-        atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), lambda f: f.write(cfg.dump()), mode="w")
-        logger.info(f"config saved to {os.path.join(cfg.OUTPUT_DIR, 'config.yaml')}")
+        _save_config(cfg, logger)
     seed_all_rng(cfg.SEED + rank)
     torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK

@@ -2,6 +2,7 @@
 import datetime
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -9,7 +10,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..checkpoint import atomic_write
+from ..checkpoint import CheckpointWriteError, atomic_write, prune_epoch_checkpoints
 from ..utils import comm
 
 __all__ = ["HookBase", "MetricsWriter", "EpochCheckpointer", "ProbeEvaluator", "KnnMonitor"]
@@ -74,12 +75,16 @@ class MetricsWriter(HookBase):
     def write(self) -> None:
         t = self.trainer
         window = t.pop_window()
-        if not window or not comm.is_main_process():
+        if not window:
             return
         scalars: Dict[str, float] = {}
         for key in sorted({k for w in window for k in w["values"]}):
             vals = [w["values"][key] for w in window if key in w["values"]]
             scalars[key] = float(torch.stack([v.detach().float() for v in vals]).mean())  # one read per key
+            if key.startswith("loss") and not math.isfinite(scalars[key]):
+                t.diverged_loss(key, scalars[key])  # every process stops here
+        if not comm.is_main_process():
+            return
         step_time = sum(w["time"] for w in window) / len(window)
         data_time = sum(w["data_time"] for w in window) / len(window)
         ims = t.global_batch / step_time if step_time > 0 else 0.0
@@ -128,15 +133,20 @@ class MetricsWriter(HookBase):
 
 class EpochCheckpointer(HookBase):
     """``checkpoint_{epoch}.pth`` every ``interval`` epochs and at the end of training
-    (also when SOLVER.MAX_ITER ends it at an epoch boundary between snapshots)."""
+    (also when SOLVER.MAX_ITER ends it at an epoch boundary between snapshots), keeping
+    the newest ``max_to_keep`` of them (0: all)."""
 
-    def __init__(self, interval: int):
+    def __init__(self, interval: int, max_to_keep: int = 0):
         self.interval = max(1, interval)
+        self.max_to_keep = max_to_keep
 
     def after_epoch(self) -> None:
         t = self.trainer
         if t.epoch % self.interval == 0 or t.epoch == t.max_epoch or t.iter >= t.max_iter:
             t.save_checkpoint(f"checkpoint_{t.epoch}")
+            if comm.is_main_process() and t.cfg.OUTPUT_DIR:
+                for f in prune_epoch_checkpoints(t.cfg.OUTPUT_DIR, self.max_to_keep):
+                    logger.info(f"removed {f} (SOLVER.SNAPSHOT_MAX_TO_KEEP {self.max_to_keep})")
 
     def after_train(self) -> None:
         t = self.trainer
@@ -145,28 +155,33 @@ class EpochCheckpointer(HookBase):
 
 
 class ProbeEvaluator(HookBase):
-    """Top-1 of the online probe on the evaluation split every ``period`` epochs."""
+    """Top-1 of the online probe on the evaluation split every ``period`` epochs; the
+    best state goes to ``checkpoint_best.pth`` and the history to ``probe_eval.json``
+    (both kept in the trainer's checkpointed state, so a resume continues them)."""
 
     def __init__(self, period: int, evaluate, writer: Optional[MetricsWriter] = None):
         self.period, self.evaluate, self.writer = period, evaluate, writer
-        self.history: List[Dict[str, float]] = []
 
     def after_epoch(self) -> None:
         t = self.trainer
         if self.period > 0 and (t.epoch % self.period == 0 or t.epoch == t.max_epoch):
             top1 = self.evaluate()
-            self.history.append({"epoch": t.epoch, "probe/top1": top1})
+            t.eval_history.append({"epoch": t.epoch, "probe/top1": top1})
             is_best = top1 > t.best_probe
             if is_best:
                 t.best_probe, t.best_probe_epoch = top1, t.epoch
-                t.checkpointer.save("checkpoint_best", tag_last=False, trainer=t.state_dict())
+                t.save_checkpoint("checkpoint_best", essential=False)
             logger.info(f"epoch {t.epoch}: online probe top-1 {top1:.2f}% (best {t.best_probe:.2f}% at epoch "
                         f"{t.best_probe_epoch}{', saved checkpoint_best.pth' if is_best else ''})")
             if self.writer is not None:
                 self.writer.log_eval({"probe/top1": top1})
             if comm.is_main_process():
-                atomic_write(os.path.join(t.cfg.OUTPUT_DIR, "probe_eval.json"),
-                             lambda f: f.write(json.dumps(self.history, indent=1)), mode="w")
+                history = [h for h in t.eval_history if "probe/top1" in h]
+                try:
+                    atomic_write(os.path.join(t.cfg.OUTPUT_DIR, "probe_eval.json"),
+                                 lambda f: f.write(json.dumps(history, indent=1)), mode="w")
+                except CheckpointWriteError as e:
+                    logger.warning(f"{e}; training goes on")
 
 
 class KnnMonitor(HookBase):
@@ -184,6 +199,7 @@ class KnnMonitor(HookBase):
             enc = Encoder(m.backbone, t.cfg.MODEL.PIXEL_MEAN, t.cfg.MODEL.PIXEL_STD, m.in_feature, m.channels_last)
             res = run_knn(t.cfg, enc.to(t.device), t.device, t.dtype)
             m.train()
+            t.eval_history.append({"epoch": t.epoch, "knn/top1": res["knn/top1"]})
             logger.info(f"epoch {t.epoch}: k-NN (k={res['knn/k']}, T={res['knn/temperature']}) top-1 "
                         f"{res['knn/top1']:.2f}%")
             if self.writer is not None:

@@ -10,7 +10,14 @@ import numpy as np
 import torch
 
 from ..backend import backend_name
-from ..checkpoint import Checkpointer, LayoutError, extract_encoder, load_checkpoint_file
+from ..checkpoint import (
+    Checkpointer,
+    CheckpointWriteError,
+    LayoutError,
+    extract_encoder,
+    infer_resnet,
+    load_checkpoint_file,
+)
 from ..data import build_eval_loader, build_pretrain_loader
 from ..data.build import augment_on_device
 from ..data.gpu_augment import BatchedAugmentation
@@ -18,7 +25,7 @@ from ..modeling import build_model
 from ..solver import build_lr_scheduler, build_momentum_scheduler, build_optimizer, scaled_lr
 from ..utils import comm
 from .ddp import create_ddp_model
-from .defaults import resolve_device
+from .defaults import TrainingDiverged, resolve_device
 from .hooks import EpochCheckpointer, HookBase, KnnMonitor, MetricsWriter, ProbeEvaluator
 
 __all__ = ["PretrainTrainer", "amp_dtype", "build_forward", "build_grad_scaler", "optimization_step"]
@@ -146,12 +153,16 @@ class PretrainTrainer:
         self.checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(),
                                          optimizer=self.optimizer, scaler=self.scaler)
         self.writer = MetricsWriter(cfg.OUTPUT_DIR, cfg.LOG_PERIOD)
-        self.hooks: List[HookBase] = [self.writer, EpochCheckpointer(cfg.SOLVER.SNAPSHOT_INTERVAL)]
+        self.hooks: List[HookBase] = [self.writer]
         self.best_probe, self.best_probe_epoch = -1.0, 0
+        self.eval_history: List[Dict] = []  # every evaluation so far; part of the checkpoint
+        # Evaluations run before the epoch's checkpoint, which then records them: a run
+        # interrupted anywhere resumes to the same evaluation record.
         if model.probe is not None and cfg.DATASETS.TEST and cfg.TEST.EVAL_PERIOD > 0:
             self.hooks.append(ProbeEvaluator(cfg.TEST.EVAL_PERIOD, self.evaluate_probe, self.writer))
         if cfg.KNN.PERIOD > 0 and cfg.DATASETS.TEST and num_classes > 0:
             self.hooks.append(KnnMonitor(cfg.KNN.PERIOD, self.writer))
+        self.hooks.append(EpochCheckpointer(cfg.SOLVER.SNAPSHOT_INTERVAL, cfg.SOLVER.SNAPSHOT_MAX_TO_KEEP))
         for h in self.hooks:
             h.trainer = self
 
@@ -170,13 +181,43 @@ class PretrainTrainer:
                            "MODEL.BYOL.HEAD_NORM 'BN'); the release synchronises them ('SyncBN')")
 
     # ---------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, name: str) -> None:
-        self.checkpointer.save(name, trainer=self.state_dict())
+    def save_checkpoint(self, name: str, essential: bool = True) -> None:
+        """Write ``name.pth`` (never with a non-finite tensor). A failed write of an
+        essential checkpoint stops the run; of another (``checkpoint_best``) it warns."""
+        self.check_finite(f"before writing {name}.pth")
+        try:
+            self.checkpointer.save(name, tag_last=essential, trainer=self.state_dict())
+        except CheckpointWriteError as e:
+            if essential:
+                raise
+            logger.warning(f"{e}; training goes on")
         comm.synchronize()
+
+    def last_good_checkpoint(self) -> str:
+        path = self.checkpointer.get_checkpoint_file() if self.cfg.OUTPUT_DIR else ""
+        return path or "none yet"
+
+    @torch.no_grad()
+    def check_finite(self, when: str) -> None:
+        """Raise :class:`TrainingDiverged` if a weight or buffer (running statistics
+        included) is NaN or infinite."""
+        bad = [n for n, t in self.model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise TrainingDiverged(
+                f"training diverged by iteration {self.iter} (epoch {self.epoch_float():.2f}): non-finite values in "
+                f"{len(bad)} tensors, e.g. {bad[:3]}; stopped {when}. Last good checkpoint: "
+                f"{self.last_good_checkpoint()}. Lower SOLVER.BASE_LR or check the data, then resume from it.")
+
+    def diverged_loss(self, key: str, value: float) -> None:
+        raise TrainingDiverged(
+            f"training diverged at iteration {self.iter} (epoch {self.epoch_float():.2f}): {key} is {value}; "
+            f"nothing was written after it. Last good checkpoint: {self.last_good_checkpoint()}. Lower "
+            "SOLVER.BASE_LR or check the data, then resume from it.")
 
     def state_dict(self) -> Dict:
         return {"iter": self.iter, "epoch": self.epoch, "seed": self.cfg.SEED, "skipped_steps": self.skipped_steps,
                 "best_probe": self.best_probe, "best_probe_epoch": self.best_probe_epoch,
+                "eval_history": self.eval_history,
                 "skipped_images": self.skipped_images, "world_size": self.world_size, "rng": _rng_state()}
 
     def load_state_dict(self, state: Dict) -> None:
@@ -185,6 +226,7 @@ class PretrainTrainer:
         self.skipped_steps = state.get("skipped_steps", 0)
         self.skipped_images = state.get("skipped_images", 0)
         self.best_probe, self.best_probe_epoch = state.get("best_probe", -1.0), state.get("best_probe_epoch", 0)
+        self.eval_history = list(state.get("eval_history", []))
         if state.get("seed") != self.cfg.SEED:
             logger.warning(f"resuming with SEED {self.cfg.SEED}, the checkpoint used {state.get('seed')}: "
                            "the data order from here on differs from an uninterrupted run")
@@ -215,8 +257,19 @@ class PretrainTrainer:
         if cfg.MODEL.WEIGHTS:
             try:
                 layout, enc, _ = extract_encoder(load_checkpoint_file(cfg.MODEL.WEIGHTS))
-            except LayoutError as e:
+            except (LayoutError, FileNotFoundError, ValueError) as e:
                 raise ValueError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: {e}") from e
+            own = self.model.backbone.state_dict()
+            wrong = [k for k in enc if k in own and enc[k].shape != own[k].shape]
+            if wrong:
+                try:
+                    theirs = f"ResNet-{infer_resnet(enc)['depth']}"
+                except (LayoutError, ValueError, KeyError):
+                    theirs = "another encoder"
+                k = wrong[0]
+                raise ValueError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} holds {theirs} ({k} {tuple(enc[k].shape)}) but the "
+                                 f"model is ResNet-{cfg.MODEL.RESNETS.DEPTH} ({tuple(own[k].shape)}); set "
+                                 "MODEL.RESNETS.DEPTH (and RES2_OUT_CHANNELS) to match")
             result = self.model.backbone.load_state_dict(enc, strict=False)
             if result.missing_keys:
                 raise ValueError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} ({layout} layout): encoder keys missing, "
@@ -287,6 +340,7 @@ class PretrainTrainer:
                 break
         self.epoch = self.iter // self.iters_per_epoch
         if self.iter % self.iters_per_epoch == 0:
+            self.check_finite(f"at the end of epoch {self.epoch}")
             for h in self.hooks:
                 h.after_epoch()
 

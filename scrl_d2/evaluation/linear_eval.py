@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import Checkpointer, atomic_write
+from ..checkpoint import Checkpointer, atomic_write, prune_epoch_checkpoints
 from ..data import build_eval_loader, get_dataset_dicts
 from ..data.build import _loader_kwargs
 from ..data.catalog import set_datasets_root
@@ -125,8 +125,12 @@ class LinearEvaluator:
             logger.info(f"linear evaluation resumed from {path} at epoch {self.epoch}")
 
     def _save(self) -> None:
+        """The epoch's checkpoint; older ones are deleted except the best epoch's."""
         self.checkpointer.save(f"checkpoint_{self.epoch}", linear_eval={
             "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch, "history": self.history})
+        if comm.is_main_process():
+            prune_epoch_checkpoints(self.output_dir, keep_last=1,
+                                    keep=[os.path.join(self.output_dir, f"checkpoint_{self.best_epoch}.pth")])
         comm.synchronize()
 
     # ------------------------------------------------------------------ run
