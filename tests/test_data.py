@@ -140,3 +140,39 @@ def test_sampler_shards_and_resumes():
     assert [i for i, _ in s0] != a
     with pytest.raises(ValueError, match="fewer than one global batch"):
         SeededSampler(5, 4, seed=0, world_size=2)
+
+
+def _exif_jpeg(path, arr, orientation):
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    img.save(path, quality=95, exif=exif.tobytes())
+
+
+def test_exif_orientation_is_an_option(tmp_path):
+    """Default: the stored pixels (the release); INPUT.EXIF_TRANSPOSE: turned as the tag
+    says (as Detectron2's read_image), with crops drawn in the turned image's frame even
+    when a large JPEG is draft-decoded."""
+    from PIL import ImageOps
+
+    rng = np.random.default_rng(0)
+    big = np.repeat(np.repeat(rng.integers(0, 255, (30, 45, 3), dtype=np.uint8), 40, 0), 40, 1)  # 1200 x 1800
+    path = str(tmp_path / "turned.jpg")
+    _exif_jpeg(path, big, 6)  # "rotate 90 CW to display"
+    assert read_image(path).size == (1800, 1200)
+    turned = read_image(path, exif_transpose=True)
+    assert turned.size == (1200, 1800)
+    np.testing.assert_array_equal(np.asarray(turned), np.asarray(ImageOps.exif_transpose(Image.open(path))))
+    upright = str(tmp_path / "upright.jpg")
+    Image.fromarray(np.asarray(turned)).save(upright, quality=95)
+
+    cfg = tiny_cfg("unused")
+    cfg.merge_from_list(["INPUT.CROP_SIZE", "64"])
+    aug = TwoViewAugmentation.from_config(cfg)
+    a = PretrainDataset([{"file_name": path}], aug, jpeg_draft=True, exif_transpose=True)[(0, 5)]
+    b = PretrainDataset([{"file_name": upright}], aug, jpeg_draft=True)[(0, 5)]
+    torch.testing.assert_close(a["geom1"], b["geom1"])  # crops drawn in the 1200 x 1800 frame
+    assert (a["geom1"][0] + a["geom1"][2]) <= 1800 and (a["geom1"][1] + a["geom1"][3]) <= 1200
+    assert (a["view1"].float() - b["view1"].float()).abs().mean() < 8  # same content, up to re-encoding
+    plain = PretrainDataset([{"file_name": path}], aug, jpeg_draft=True)[(0, 5)]
+    assert (plain["view1"].float() - b["view1"].float()).abs().mean() > 20  # the stored (unturned) pixels

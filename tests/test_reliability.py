@@ -31,11 +31,14 @@ def test_two_processes_with_loader_workers_evaluate(tmp_path, image_folder, test
     """Spawned processes' loader workers pickle every dataset (probe, k-NN, linear evaluation)."""
     out = str(tmp_path / "ddp")
     r = run_cli("--num-gpus", "2", *evaluating(image_folder, test_split, out), "SOLVER.IMS_PER_GPU", "4",
-                "DATALOADER.NUM_WORKERS", "1", *LE_FAST, "LINEAR_EVAL.IMS_PER_GPU", "4")
+                "DATALOADER.NUM_WORKERS", "1", *LE_FAST, "LINEAR_EVAL.IMS_PER_GPU", "4", "LINEAR_EVAL.EPOCHS", "3")
     assert "rank 0 of 2" in r.stdout and "online probe top-1" in r.stdout and "k-NN" in r.stdout
     res = json.load(open(os.path.join(out, "linear_eval", "linear_eval.json")))
-    assert len(res["history"]) == 2
+    assert len(res["history"]) == 3
     assert len(json.load(open(os.path.join(out, "probe_eval.json")))) == 2
+    # the linear evaluation keeps its last and best checkpoints only
+    kept = {f for f in os.listdir(os.path.join(out, "linear_eval")) if f[11:-4].isdigit()}
+    assert kept == {"checkpoint_3.pth", f"checkpoint_{res['best_epoch']}.pth"}, kept
 
 
 def all_checkpoint_tensors_finite(directory):

@@ -342,6 +342,8 @@ def main() -> None:
                    help="data mode: loader worker counts (default: 1, 2, 4 ... up to the cores)")
     p.add_argument("--data", default="", help="a folder of images for train/data (default: generated JPEGs)")
     p.add_argument("--num-images", type=int, default=4096, help="size of the generated JPEG folder")
+    p.add_argument("--cache-dir", default="", help="where the generated JPEG folder is kept (default: the system "
+                                                   "temporary folder, $TMPDIR)")
     p.add_argument("--iters", type=int, default=20, help="measured steps")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--with-model", action="store_true",
@@ -363,8 +365,12 @@ def main() -> None:
     base.merge_from_list(args.opts)
     archs = args.archs or [base.MODEL.META_ARCHITECTURE]
     if args.mode in ("train", "data"):
-        folder = args.data or write_synthetic_jpegs(
-            os.path.join(tempfile.gettempdir(), f"scrl_bench_jpegs_{args.num_images}"), args.num_images)
+        folder = args.data
+        if not folder:
+            folder = os.path.join(args.cache_dir or tempfile.gettempdir(), f"scrl_bench_jpegs_{args.num_images}")
+            print(f"JPEG folder: {folder} ({args.num_images} generated 500x375 JPEGs, written once and reused; "
+                  "--cache-dir moves it, --data uses your own images)", flush=True)
+            write_synthetic_jpegs(folder, args.num_images)
         base.merge_from_list(["DATASETS.TRAIN", f"('images:{folder}',)"])
     if args.batch:
         base.merge_from_list(["SOLVER.IMS_PER_GPU", str(args.batch)])

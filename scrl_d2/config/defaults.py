@@ -120,6 +120,9 @@ _C.INPUT.SOLARIZE_THRESHOLD = 128
 # Decode a JPEG at 1/2, 1/4 or 1/8 scale when both crops keep at least CROP_SIZE pixels
 # per side (libjpeg DCT scaling: large photographs decode several times faster).
 _C.INPUT.JPEG_DRAFT = True
+# Turn images as their EXIF orientation tag says (Detectron2's read_image does; the
+# detection datasets always do). Off: the stored pixels, as the release read ImageNet.
+_C.INPUT.EXIF_TRANSPOSE = False
 # Where views are decoded and augmented: "cpu" (loader workers, PIL) or "device"
 # (the training GPU: nvJPEG decode and batched augmentation of the same parameters,
 # drawn in the workers; for when CPU cores cannot feed the GPU, see README).

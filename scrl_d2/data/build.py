@@ -68,6 +68,7 @@ def build_pretrain_loader(cfg, seed: int) -> Tuple[DataLoader, SeededSampler, in
         dicts, TwoViewAugmentation.from_config(cfg), boxes,
         require_overlap=cfg.MODEL.SCRL.REQUIRE_OVERLAP, max_crop_tries=cfg.MODEL.SCRL.MAX_CROP_TRIES,
         jpeg_draft=cfg.INPUT.JPEG_DRAFT, decode_on_device=augment_on_device(cfg),
+        exif_transpose=cfg.INPUT.EXIF_TRANSPOSE,
     )
     sampler = SeededSampler(len(dataset), cfg.SOLVER.IMS_PER_GPU, seed,
                             rank=comm.get_rank(), world_size=comm.get_world_size())
@@ -82,7 +83,8 @@ def build_eval_loader(cfg, name: str) -> DataLoader:
     dicts, _ = get_dataset_dicts((name,))
     shard = dicts[comm.get_rank()::comm.get_world_size()]
     size = cfg.INPUT.CROP_SIZE
-    dataset = EvalDataset(shard, size, int(round(size * 256 / 224)), cfg.INPUT.INTERPOLATION)
+    dataset = EvalDataset(shard, size, int(round(size * 256 / 224)), cfg.INPUT.INTERPOLATION,
+                          cfg.INPUT.EXIF_TRANSPOSE)
     kw = _loader_kwargs(cfg)
     kw["persistent_workers"] = False
     return DataLoader(dataset, batch_size=cfg.TEST.IMS_PER_GPU, shuffle=False, **kw)

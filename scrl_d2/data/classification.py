@@ -15,8 +15,9 @@ __all__ = ["LinearTrainDataset"]
 
 
 class LinearTrainDataset(torch.utils.data.Dataset):
-    def __init__(self, dicts: List[dict], size: int, scale: Tuple[float, float], interpolation: str = "bicubic"):
-        self.reader = _RobustReader(dicts)
+    def __init__(self, dicts: List[dict], size: int, scale: Tuple[float, float], interpolation: str = "bicubic",
+                 exif_transpose: bool = False):
+        self.reader = _RobustReader(dicts, exif_transpose)
         self.size, self.scale, self.interp = size, tuple(scale), InterpolationMode(interpolation)
 
     def __len__(self) -> int:

@@ -1,4 +1,5 @@
 """Robust image reading, the two-view pretraining dataset and its seeded sampler."""
+import functools
 import io
 import logging
 import math
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from iopath.common.file_io import g_pathmgr
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import default_collate
 
 from .augment import TwoViewAugmentation
@@ -22,28 +23,37 @@ logger = logging.getLogger("scrl_d2.data")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is skipped, not half-read
 # Huge images are legitimate photographs here, not decompression bombs.
 Image.MAX_IMAGE_PIXELS = None
+_EXIF_ORIENTATION = 0x0112
 
 
 class ImageReadError(OSError):
     """An image that cannot be decoded; the dataset skips and counts it."""
 
 
-def read_image(path: str, draft: Optional[Callable[[int, int], Optional[Tuple[int, int]]]] = None) -> Image.Image:
+def read_image(path: str, draft: Optional[Callable[[int, int], Optional[Tuple[int, int]]]] = None,
+               exif_transpose: bool = False) -> Image.Image:
     """Decode ``path`` to an RGB PIL image, converting grayscale, 16-bit, CMYK,
     palette and alpha images; raises :class:`ImageReadError` naming the file.
 
-    ``draft(width, height)``, called with the stored size before decoding, may return
+    ``draft(width, height)``, called with the image's size before decoding, may return
     a smaller size that is enough: a JPEG is then decoded at 1/2, 1/4 or 1/8 scale
-    (libjpeg's DCT scaling, far cheaper than decoding and resizing)."""
+    (libjpeg's DCT scaling, far cheaper than decoding and resizing).
+    ``exif_transpose``: turn the image as its EXIF orientation says (what Detectron2's
+    ``read_image`` does); off, the stored pixels as they are (the release, via PIL)."""
     try:
         with g_pathmgr.open(path, "rb") as f, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. palette-with-transparency notices
             img = Image.open(f)
+            orientation = img.getexif().get(_EXIF_ORIENTATION, 1) if exif_transpose else 1
+            turned = orientation in (5, 6, 7, 8)  # width and height swap
             if draft is not None:
-                target = draft(*img.size)
+                w, h = img.size
+                target = draft(h, w) if turned else draft(w, h)
                 if target is not None and img.format == "JPEG":
-                    img.draft("RGB", target)
+                    img.draft("RGB", target[::-1] if turned else target)
             img.load()
+            if orientation != 1:
+                img = ImageOps.exif_transpose(img)
     except Exception as e:  # PIL raises several types for bad data
         raise ImageReadError(f"cannot read image {path}: {e}") from e
     return to_rgb(img)
@@ -97,14 +107,17 @@ class _RobustReader:
 
     max_substitutes = 32
 
-    def __init__(self, dicts: List[dict]) -> None:
+    def __init__(self, dicts: List[dict], exif_transpose: bool = False) -> None:
         if not dicts:
             raise ValueError("the dataset is empty")
         self.dicts = dicts
+        self.exif_transpose = exif_transpose
         self._warned = set()
 
-    def read(self, index: int, rng: np.random.Generator, fn: Callable = read_image):
-        """``(fn(file_name), record, number of files skipped)``."""
+    def read(self, index: int, rng: np.random.Generator, fn: Optional[Callable] = None):
+        """``(fn(file_name), record, number of files skipped)``; ``fn`` defaults to
+        :func:`read_image` (with this reader's ``exif_transpose``)."""
+        fn = fn or functools.partial(read_image, exif_transpose=self.exif_transpose)
         bad = []
         for _ in range(self.max_substitutes):
             d = self.dicts[index]
@@ -136,8 +149,12 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     def __init__(self, dicts: List[dict], augmentation: TwoViewAugmentation,
                  box_generator: Optional[BoxPairGenerator] = None, require_overlap: bool = False,
-                 max_crop_tries: int = 10, jpeg_draft: bool = True, decode_on_device: bool = False) -> None:
-        self.reader = _RobustReader(dicts)
+                 max_crop_tries: int = 10, jpeg_draft: bool = True, decode_on_device: bool = False,
+                 exif_transpose: bool = False) -> None:
+        if exif_transpose and decode_on_device:
+            raise ValueError("INPUT.EXIF_TRANSPOSE True is not available with INPUT.AUGMENT_DEVICE device (the "
+                             "device decodes the stored orientation); use INPUT.AUGMENT_DEVICE cpu")
+        self.reader = _RobustReader(dicts, exif_transpose)
         self.augmentation = augmentation
         self.box_generator = box_generator
         self.require_overlap = require_overlap and box_generator is not None
@@ -176,7 +193,8 @@ class PretrainDataset(torch.utils.data.Dataset):
                 crops[:], stored[:] = self._crops(width, height, g), (width, height)
                 return self._draft_size(width, height, crops) if self.jpeg_draft else None
 
-            img, d, skipped = self.reader.read(index, rng, lambda path: read_image(path, plan))
+            img, d, skipped = self.reader.read(index, rng,
+                                               lambda path: read_image(path, plan, self.reader.exif_transpose))
             crop1, crop2 = crops
         p1, p2 = aug1.sample(crop1, g), aug2.sample(crop2, g)
         if not self.decode_on_device:
@@ -226,10 +244,11 @@ class PretrainCollate:
 class EvalDataset(torch.utils.data.Dataset):
     """Deterministic evaluation view: resize (short side) then centre crop, uint8."""
 
-    def __init__(self, dicts: List[dict], crop_size: int, resize_size: int, interpolation: str = "bicubic"):
+    def __init__(self, dicts: List[dict], crop_size: int, resize_size: int, interpolation: str = "bicubic",
+                 exif_transpose: bool = False):
         from torchvision.transforms import InterpolationMode
 
-        self.reader = _RobustReader(dicts)
+        self.reader = _RobustReader(dicts, exif_transpose)
         # Plain attributes only: loader workers of spawned processes pickle the dataset.
         self._interp = InterpolationMode(interpolation)
         self.crop_size, self.resize_size = crop_size, resize_size

@@ -47,7 +47,7 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         info = self.coco.imgs[image_id]
         path = os.path.join(self.image_root, info["file_name"])
         try:
-            img = F.pil_to_tensor(read_image(path))
+            img = F.pil_to_tensor(read_image(path, exif_transpose=True))  # as Detectron2's read_image
         except ImageReadError as e:
             raise ImageReadError(f"dataset {self.name!r}: {e}") from e
         h, w = img.shape[1:]

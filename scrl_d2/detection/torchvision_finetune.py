@@ -12,7 +12,7 @@ import torch
 
 from ..checkpoint import Checkpointer, atomic_write
 from ..engine.ddp import create_ddp_model
-from ..engine.defaults import resolve_device
+from ..engine.defaults import TrainingDiverged, resolve_device
 from ..engine.trainer import amp_dtype
 from ..utils import comm
 from .coco_data import CocoDetectionDataset, collate
@@ -142,12 +142,13 @@ class TorchvisionDetectionTrainer:
             self.scaler.update()
             window.append({k: v.detach() for k, v in losses.items()})
             done = it + 1
-            if done % 20 == 0 or done == max_iter or done == self.start_iter + 1:
+            if done % cfg.LOG_PERIOD == 0 or done == max_iter or done == self.start_iter + 1:
                 vals = {k: float(torch.stack([w[k] for w in window]).mean()) for k in window[0]}
                 vals["total_loss"] = sum(vals.values())
                 dt = (time.perf_counter() - t0) / len(window)
                 if not all(map(lambda v: v == v and abs(v) != float("inf"), vals.values())):
-                    raise FloatingPointError(f"loss became non-finite at iteration {done}: {vals}")
+                    raise TrainingDiverged(f"training diverged at iteration {done}: losses {vals}; last good "
+                                           f"checkpoint: {self.checkpointer.get_checkpoint_file() or 'none yet'}")
                 logger.info(f"iter {done}/{max_iter}  " + "  ".join(f"{k}: {v:.4f}" for k, v in vals.items())
                             + f"  lr: {lr:.5g}  time: {dt:.3f}s")
                 if log:

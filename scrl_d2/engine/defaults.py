@@ -207,10 +207,8 @@ def default_setup(cfg, args) -> None:
     logger = setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank)
     from ..backend import use_detectron2
 
-    if use_detectron2():  # Detectron2's own components log to its logger
-        from detectron2.utils.logger import setup_logger as d2_setup_logger
-
-        d2_setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="detectron2", abbrev_name="d2")
+    if use_detectron2():  # Detectron2's own components log to its logger: same console and log.txt
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="detectron2")
     logger.info(f"rank {rank} of {comm.get_world_size()}; torch {torch.__version__}; "
                 f"CUDA {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
     logger.info(f"command line: {' '.join(sys.argv)}")

@@ -103,20 +103,30 @@ class MetricsWriter(HookBase):
         if "max_mem_gib" in record:
             msg += f"  mem: {record['max_mem_gib']:.2f}GiB"
         logger.info(msg)
-        self._json.write(json.dumps(record) + "\n")
-        self._json.flush()
+        self._append(record)
         if self._tb is not None:
             for k, v in record.items():
                 if k != "iteration" and isinstance(v, (int, float)):
                     self._tb.add_scalar(f"train/{k}", v, t.iter)
+
+    def _append(self, record: Dict) -> None:
+        """One line of metrics.json. Not essential: a failed write (full disk) warns once
+        and training goes on (checkpoints are what must not be lost)."""
+        if self._json is None:
+            return
+        try:
+            self._json.write(json.dumps(record) + "\n")
+            self._json.flush()
+        except OSError as e:
+            logger.warning(f"cannot write {self._json.name}: {e}; metrics.json stops here, training goes on")
+            self._json = None
 
     def log_eval(self, results: Dict[str, float]) -> None:
         if not comm.is_main_process():
             return
         t = self.trainer
         if self._json is not None:
-            self._json.write(json.dumps({"iteration": t.iter, "epoch": t.epoch_float(), **results}) + "\n")
-            self._json.flush()
+            self._append({"iteration": t.iter, "epoch": t.epoch_float(), **results})
         if self._tb is not None:
             for k, v in results.items():
                 self._tb.add_scalar(k, v, t.iter)

@@ -257,7 +257,9 @@ class PretrainTrainer:
         if cfg.MODEL.WEIGHTS:
             try:
                 layout, enc, _ = extract_encoder(load_checkpoint_file(cfg.MODEL.WEIGHTS))
-            except (LayoutError, FileNotFoundError, ValueError) as e:
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: {e}") from e
+            except ValueError as e:  # LayoutError included
                 raise ValueError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: {e}") from e
             own = self.model.backbone.state_dict()
             wrong = [k for k in enc if k in own and enc[k].shape != own[k].shape]

@@ -74,7 +74,8 @@ class LinearEvaluator:
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
         seed = cfg.SEED if cfg.SEED >= 0 else 0
-        self.train_set = LinearTrainDataset(dicts, cfg.INPUT.CROP_SIZE, le.CROP_SCALE, cfg.INPUT.INTERPOLATION)
+        self.train_set = LinearTrainDataset(dicts, cfg.INPUT.CROP_SIZE, le.CROP_SCALE, cfg.INPUT.INTERPOLATION,
+                                            cfg.INPUT.EXIF_TRANSPOSE)
         self.sampler = SeededSampler(len(self.train_set), le.IMS_PER_GPU, seed, comm.get_rank(), self.world)
         self.iters_per_epoch = self.sampler.iters_per_epoch
         params = list(self.classifier.parameters()) + (list(self.encoder.parameters()) if self.finetune else [])
