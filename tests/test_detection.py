@@ -34,6 +34,15 @@ def r18_weights(tmp_path_factory):
     return str(d / "r18.pkl")
 
 
+def strict_json(path):
+    """results.json as a strict JSON parser reads it (no NaN / Infinity)."""
+    def reject(name):
+        raise ValueError(f"{path}: {name} is not JSON")
+
+    with open(path) as f:
+        return json.loads(f.read(), parse_constant=reject)
+
+
 def _finite(results, tasks):
     for t in tasks:
         for m in ("AP", "AP50", "AP75"):
@@ -47,7 +56,7 @@ def test_faster_rcnn_finetunes_evaluates_and_resumes(tmp_path, datasets_env, r18
     r = run_cli("--config-file", DEMO, "OUTPUT_DIR", out, "MODEL.WEIGHTS", r18_weights, "SOLVER.MAX_ITER", "2",
                 *FAST, env_extra=env)
     assert ("torchvision path" if backend == "torchvision" else "Detectron2's DefaultTrainer") in r.stdout
-    results = json.load(open(os.path.join(out, "results.json")))
+    results = strict_json(os.path.join(out, "results.json"))
     _finite(results, ["bbox"])
     assert os.path.exists(os.path.join(out, "model_final.pth"))
     r = run_cli("--config-file", DEMO, "--resume", "OUTPUT_DIR", out, "MODEL.WEIGHTS", r18_weights,
@@ -61,7 +70,7 @@ def test_mask_rcnn_gives_box_and_mask_ap_on_the_torchvision_path(tmp_path, datas
     out = str(tmp_path / "mask")
     run_cli("--config-file", MASK_DEMO, "OUTPUT_DIR", out, "MODEL.WEIGHTS", r18_weights, "SOLVER.MAX_ITER", "2",
             *FAST, env_extra={**datasets_env, "SCRL_D2_BACKEND": "torchvision"})
-    _finite(json.load(open(os.path.join(out, "results.json"))), ["bbox", "segm"])
+    _finite(strict_json(os.path.join(out, "results.json")), ["bbox", "segm"])
 
 
 @pytest.mark.parametrize("backend", ["torchvision", pytest.param("detectron2", marks=needs_d2)])
@@ -112,12 +121,12 @@ def test_eval_only_and_two_processes_on_the_torchvision_path(tmp_path, datasets_
     r = run_cli("--num-gpus", "2", "--config-file", DEMO, "OUTPUT_DIR", out, "MODEL.WEIGHTS", r18_weights,
                 "SOLVER.MAX_ITER", "2", *FAST, "DATALOADER.NUM_WORKERS", "1", env_extra=env)
     assert "2 process(es)" in r.stdout
-    _finite(json.load(open(os.path.join(out, "results.json"))), ["bbox"])
+    _finite(strict_json(os.path.join(out, "results.json")), ["bbox"])
     ev = str(tmp_path / "ev")
     r = run_cli("--eval-only", "--config-file", DEMO, "OUTPUT_DIR", ev, "MODEL.WEIGHTS",
                 os.path.join(out, "model_final.pth"), *FAST, env_extra=env)
     assert "initialised a whole detector" in r.stdout
-    _finite(json.load(open(os.path.join(ev, "results.json"))), ["bbox"])
+    _finite(strict_json(os.path.join(ev, "results.json")), ["bbox"])
 
 
 def test_newcomer_pipeline_command(tmp_path, datasets_env):
@@ -130,7 +139,7 @@ def test_newcomer_pipeline_command(tmp_path, datasets_env):
                        env={**os.environ, **datasets_env}, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| bbox" in r.stdout and "COCO AP" in r.stdout
-    results = json.load(open(os.path.join(out, "results.json")))
+    results = strict_json(os.path.join(out, "results.json"))
     _finite(results, ["bbox"])
     assert set(results["bbox"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
 
@@ -149,7 +158,7 @@ def test_coco_protocol_config_runs_on_the_synthetic_data_with_detectron2(tmp_pat
                 "MODEL.ROI_HEADS.NUM_CLASSES", "4", "SOLVER.MAX_ITER", "2", *FAST,
                 env_extra={**datasets_env, "SCRL_D2_BACKEND": "detectron2"})
     assert "Detectron2's DefaultTrainer" in r.stdout
-    _finite(json.load(open(os.path.join(out, "results.json"))), ["bbox"])
+    _finite(strict_json(os.path.join(out, "results.json")), ["bbox"])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -122,7 +122,9 @@ def test_forward_backward_and_probe_is_detached(arch):
     cfg.MODEL.PROBE.ENABLED, cfg.MODEL.PROBE.NUM_CLASSES = True, 3
     model = build_model(cfg).train()
     out = model(_batch(cfg))
-    assert out["loss"].item() > 0 and out["num_pairs"].item() == (40 if arch == "SCRL" else 4)
+    assert set(out) == {"loss", "loss_probe"}  # losses only: Detectron2's trainers sum every value
+    assert out["loss"].item() > 0 and model.metrics["num_pairs"].item() == (40 if arch == "SCRL" else 4)
+    assert 0 <= model.metrics["probe_acc"].item() <= 1
     out["loss_probe"].backward()  # the probe's loss alone ...
     assert model.probe.weight.grad is not None
     assert all(p.grad is None for p in model.backbone.parameters())  # ... never reaches the encoder
@@ -132,7 +134,7 @@ def test_scrl_batch_without_boxes_gives_zero_loss_and_full_graph():
     cfg = tiny_cfg("unused", "SCRL")
     model = build_model(cfg).train()
     out = model(_batch(cfg, valid=False))
-    assert out["loss"].item() == 0.0 and out["num_pairs"].item() == 0
+    assert out["loss"].item() == 0.0 and model.metrics["num_pairs"].item() == 0
     out["loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in model.predictor.parameters())
 

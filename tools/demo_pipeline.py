@@ -8,7 +8,6 @@ Runs on a CPU in a few minutes (a GPU is used when present). Extra KEY VALUE pai
 end override the fine-tuning config, e.g. ``SOLVER.MAX_ITER 100``.
 """
 import argparse
-import json
 import os
 from argparse import Namespace
 
@@ -16,7 +15,7 @@ from scrl_d2.checkpoint import atomic_write
 from scrl_d2.checkpoint.convert import convert_checkpoint
 from scrl_d2.config import get_cfg
 from scrl_d2.detection import run_finetune
-from scrl_d2.detection.coco_eval import print_results
+from scrl_d2.detection.coco_eval import print_results, results_json
 from scrl_d2.engine import PretrainTrainer, default_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +57,7 @@ def main() -> None:
     fin = _cfg(os.path.join(ROOT, "configs", "demo", det),
                ["OUTPUT_DIR", os.path.join(out, "finetune"), "MODEL.WEIGHTS", weights] + list(args.opts))
     results = run_finetune(fin)
-    atomic_write(os.path.join(out, "results.json"), lambda f: f.write(json.dumps(results, indent=1)), mode="w")
+    atomic_write(os.path.join(out, "results.json"), lambda f: f.write(results_json(results)), mode="w")
     print(f"\n{args.arch} pretraining ({args.pretrain_iters} iterations) -> {'Mask' if args.mask else 'Faster'} "
           f"R-CNN ({fin.SOLVER.MAX_ITER} iterations) on the synthetic detection data, COCO AP:")
     print_results(results)

@@ -1,5 +1,4 @@
 """Fine-tuning and evaluation with Detectron2's own trainer and COCOEvaluator."""
-import json
 import logging
 import os
 from typing import Dict
@@ -7,6 +6,7 @@ from typing import Dict
 import torch
 
 from ..checkpoint import atomic_write
+from .coco_eval import results_json
 from ..utils import comm
 
 __all__ = ["run_detectron2"]
@@ -66,6 +66,5 @@ def run_detectron2(cfg, resume: bool, eval_only: bool) -> Dict:
         results = getattr(trainer, "_last_eval_results", None)  # set by its final evaluation hook
     results = {k: dict(v) for k, v in (results or {}).items()}
     if comm.is_main_process() and results:
-        atomic_write(os.path.join(cfg.OUTPUT_DIR, "results.json"), lambda f: f.write(json.dumps(results, indent=1)),
-                     mode="w")
+        atomic_write(os.path.join(cfg.OUTPUT_DIR, "results.json"), lambda f: f.write(results_json(results)), mode="w")
     return results

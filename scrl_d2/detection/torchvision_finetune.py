@@ -16,7 +16,7 @@ from ..engine.defaults import TrainingDiverged, resolve_device
 from ..engine.trainer import amp_dtype
 from ..utils import comm
 from .coco_data import CocoDetectionDataset, collate
-from .coco_eval import evaluate_predictions, predictions_to_coco
+from .coco_eval import evaluate_predictions, predictions_to_coco, results_json
 from .torchvision_model import build_torchvision_detector, load_detector_weights
 
 __all__ = ["TorchvisionDetectionTrainer", "lr_at"]
@@ -225,6 +225,5 @@ class TorchvisionDetectionTrainer:
             model.train()
         flat = all_results[cfg.DATASETS.TEST[0]] if len(cfg.DATASETS.TEST) == 1 else all_results
         if comm.is_main_process() and flat:
-            atomic_write(os.path.join(cfg.OUTPUT_DIR, "results.json"), lambda f: f.write(json.dumps(flat, indent=1)),
-                         mode="w")
+            atomic_write(os.path.join(cfg.OUTPUT_DIR, "results.json"), lambda f: f.write(results_json(flat)), mode="w")
         return flat

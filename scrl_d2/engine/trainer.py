@@ -370,7 +370,7 @@ class PretrainTrainer:
             self.momentum = self.momentum_schedule(self.iter)
             out = optimization_step(self.forward, self.model, self.optimizer, self.scaler, batch, self.dtype,
                                     self.device, self.momentum)
-            values = {k: v.detach() for k, v in out.items()}
+            values = {**{k: v.detach() for k, v in out.items()}, **self.model.metrics}
         self.iter += 1
         if self.device.type == "cuda" and (self.iter % self.writer.period == 0):
             torch.cuda.synchronize()  # honest step times at the logging interval only

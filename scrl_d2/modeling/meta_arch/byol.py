@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...backend import use_detectron2
 from ...config import configurable
 from ..backbone import build_backbone
 from ..heads import MLPHead
@@ -34,6 +35,15 @@ def symmetric_loss(p: torch.Tensor, z: torch.Tensor, weight: Optional[torch.Tens
     return (per_pair * weight).sum() / weight.sum().clamp(min=1.0)
 
 
+def _event_storage():
+    """Detectron2's current ``EventStorage`` (inside its trainers), else None."""
+    if not use_detectron2():
+        return None
+    from detectron2.utils.events import _CURRENT_STORAGE_STACK
+
+    return _CURRENT_STORAGE_STACK[-1] if _CURRENT_STORAGE_STACK else None
+
+
 @META_ARCH_REGISTRY.register()
 class BYOL(nn.Module):
     """The pooled feature of each view is the unit that the two views must agree on."""
@@ -47,6 +57,7 @@ class BYOL(nn.Module):
         self.backbone, self.projector, self.predictor = backbone, projector, predictor
         self.target_backbone, self.target_projector = target_backbone, target_projector
         self.probe = probe
+        self.metrics: Dict[str, torch.Tensor] = {}  # of the last forward (see forward)
         self.in_feature = in_feature
         self.channels_last = channels_last
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, -1, 1, 1), False)
@@ -112,7 +123,9 @@ class BYOL(nn.Module):
 
     # --- forward ------------------------------------------------------------------
     def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Losses (keys starting ``loss``, summed by the trainer) and metrics."""
+        """The losses only (``loss``, ``loss_probe``): Detectron2's trainers sum every value
+        of the returned dict. Metrics (``num_pairs``, ``probe_acc``) go to ``self.metrics``
+        and, when a Detectron2 ``EventStorage`` is active, to it (as its models report)."""
         x = torch.cat([self.preprocess(batch["view1"]), self.preprocess(batch["view2"])])
         feats = self.backbone(x)[self.in_feature]
         units, weight, num_pairs = self.pool(feats, batch)
@@ -120,17 +133,27 @@ class BYOL(nn.Module):
         with torch.no_grad():
             t_units, _, _ = self.pool(self.target_backbone(x)[self.in_feature], batch)
             z = self.target_projector(t_units)
-        out = {"loss": symmetric_loss(p, z, weight), "num_pairs": torch.tensor(float(num_pairs))}
+        losses = {"loss": symmetric_loss(p, z, weight)}
+        metrics = {"num_pairs": torch.tensor(float(num_pairs))}
         if self.probe is not None:
-            out.update(self._probe(feats, batch["label"]))
-        return out
+            losses["loss_probe"], metrics["probe_acc"] = self._probe(feats, batch["label"])
+        self.report(metrics)
+        return losses
 
-    def _probe(self, feats: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Linear classifier on the detached pooled feature: it learns, the encoder does not."""
+    @torch.compiler.disable  # a side effect, not part of the compiled graph
+    def report(self, metrics: Dict[str, torch.Tensor]) -> None:
+        self.metrics = metrics
+        storage = _event_storage()
+        if storage is not None:
+            storage.put_scalars(**{k: float(v) for k, v in metrics.items()})
+
+    def _probe(self, feats: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Linear classifier on the detached pooled feature: it learns, the encoder does not.
+        Returns its loss and accuracy."""
         logits = self.probe(feats.mean(dim=(2, 3)).detach().float())
         labels = torch.cat([labels, labels]).to(logits.device)
-        return {"loss_probe": F.cross_entropy(logits, labels, ignore_index=-1),
-                "probe_acc": (logits.argmax(1) == labels).float().mean().detach()}
+        return (F.cross_entropy(logits, labels, ignore_index=-1),
+                (logits.argmax(1) == labels).float().mean().detach())
 
     @torch.no_grad()
     def classify(self, images: torch.Tensor) -> torch.Tensor:
