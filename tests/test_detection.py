@@ -56,6 +56,8 @@ def test_faster_rcnn_finetunes_evaluates_and_resumes(tmp_path, datasets_env, r18
     r = run_cli("--config-file", DEMO, "OUTPUT_DIR", out, "MODEL.WEIGHTS", r18_weights, "SOLVER.MAX_ITER", "2",
                 *FAST, env_extra=env)
     assert ("torchvision path" if backend == "torchvision" else "Detectron2's DefaultTrainer") in r.stdout
+    log = open(os.path.join(out, "log.txt")).read()  # the weight-loading report is in the log file
+    assert ("initialised the backbone" if backend == "torchvision" else "matched with submodule") in log
     results = strict_json(os.path.join(out, "results.json"))
     _finite(results, ["bbox"])
     assert os.path.exists(os.path.join(out, "model_final.pth"))

@@ -205,6 +205,9 @@ def default_setup(cfg, args) -> None:
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     comm.synchronize()
     logger = setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank)
+    # fvcore's checkpoint-loading reports (missing / unexpected keys) into log.txt too, as
+    # Detectron2's default_setup does.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="fvcore")
     from ..backend import use_detectron2
 
     if use_detectron2():  # Detectron2's own components log to its logger: same console and log.txt
