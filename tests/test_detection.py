@@ -196,3 +196,42 @@ def test_torchvision_detector_keeps_box_coordinates_float32_under_autocast(dtype
         assert model.backbone.body.conv1(torch.zeros(1, 3, 8, 8)).dtype == dtype  # autocast is on
         out = model([torch.rand(3, 96, 160)])[0]
     assert seen["proposals"][0].dtype == torch.float32 and out["boxes"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("mechanism", ["DATASETS.ROOT", "SCRL_DATASETS", "DETECTRON2_DATASETS"])
+def test_coco_dataset_root_by_each_documented_mechanism(tmp_path, monkeypatch, mechanism):
+    """coco_2017_val found under a root given by DATASETS.ROOT (what run_finetune applies),
+    $SCRL_DATASETS or $DETECTRON2_DATASETS, on our catalog and, when installed, Detectron2's
+    (which registers coco_2017_* itself and must follow the same root)."""
+    import shutil
+
+    from scrl_d2.data.catalog import set_datasets_root
+    from scrl_d2.detection import ensure_synthetic_detection, get_coco_json
+
+    src = ensure_synthetic_detection()
+    roots = []
+    for k in range(2):  # two roots one after the other: the second must win too
+        root = tmp_path / f"root{k}"
+        (root / "coco" / "annotations").mkdir(parents=True)
+        shutil.copy(os.path.join(src, "annotations", "val.json"), root / "coco" / "annotations" / "instances_val2017.json")
+        shutil.copytree(os.path.join(src, "val"), root / "coco" / "val2017")
+        roots.append(str(root))
+    for var in ("SCRL_DATASETS", "DETECTRON2_DATASETS"):
+        monkeypatch.delenv(var, raising=False)
+    try:
+        for root in roots:
+            if mechanism == "DATASETS.ROOT":
+                set_datasets_root(root)
+            else:
+                set_datasets_root("")
+                monkeypatch.setenv(mechanism, root)
+            json_file, image_root = get_coco_json("coco_2017_val")
+            assert json_file == os.path.join(root, "coco", "annotations", "instances_val2017.json")
+            if detectron2_available():
+                from detectron2.data import DatasetCatalog, MetadataCatalog
+
+                records = DatasetCatalog.get("coco_2017_val")
+                assert records and all(r["file_name"].startswith(os.path.join(root, "coco", "val2017")) for r in records)
+                assert MetadataCatalog.get("coco_2017_val").json_file == json_file
+    finally:
+        set_datasets_root("")

@@ -15,6 +15,9 @@ def is_detection_config(cfg) -> bool:
 
 def run_finetune(cfg, resume: bool = False, eval_only: bool = False) -> Dict:
     """Train (or only evaluate) a detector; returns the COCO results of DATASETS.TEST."""
+    from ..data.catalog import set_datasets_root
+
+    set_datasets_root(cfg.DATASETS.ROOT)  # DATASETS.ROOT, else $SCRL_DATASETS / $DETECTRON2_DATASETS
     if use_detectron2():
         from .d2_finetune import run_detectron2
 

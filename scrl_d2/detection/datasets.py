@@ -59,14 +59,32 @@ def get_coco_json(name: str) -> Tuple[str, str]:
     json_file, image_root = DETECTION_DATASETS[name]()
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"detection dataset {name!r}: annotation file not found: {os.path.abspath(json_file)} "
-                                "(set DATASETS.ROOT or $DETECTRON2_DATASETS)")
+                                "(set DATASETS.ROOT, $SCRL_DATASETS or $DETECTRON2_DATASETS)")
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"detection dataset {name!r}: image folder not found: {os.path.abspath(image_root)}")
     if detectron2_available():
-        from detectron2.data import MetadataCatalog
-
-        MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root)
+        _point_detectron2_at(name, json_file, image_root)
     return json_file, image_root
+
+
+def _point_detectron2_at(name: str, json_file: str, image_root: str) -> None:
+    """Make Detectron2's catalogs read ``name`` from these paths. Detectron2 registers
+    ``coco_2017_*`` itself, from ``$DETECTRON2_DATASETS`` at import, and refuses to change
+    a metadata path: re-register the name (keeping its other metadata) when ours differ."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import load_coco_json
+
+    meta = MetadataCatalog.get(name)
+    if getattr(meta, "json_file", json_file) == json_file and getattr(meta, "image_root", image_root) == image_root:
+        meta.set(json_file=json_file, image_root=image_root)
+        return
+    # Class lists come from the json again (load_coco_json sets them); the rest is kept.
+    kept = {k: v for k, v in meta.as_dict().items()
+            if k not in ("name", "json_file", "image_root") and not k.startswith(("thing_", "stuff_"))}
+    DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: load_coco_json(json_file, image_root, name))
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, **kept)
 
 
 def _register_builtin() -> None:
