@@ -192,3 +192,35 @@ def test_detectron2_simple_trainer_trains_our_meta_architecture(monkeypatch, ima
     assert rec.losses == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert all(m["num_pairs"] > 0 for m in rec.metrics)  # the model's metric, reported to EventStorage
     assert_same_weights(ours.state_dict(), theirs.state_dict(), atol=1e-5)
+
+
+COCO_CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, "configs", "coco")) if not f.startswith("Base"))
+
+
+@pytest.mark.parametrize("name", COCO_CONFIGS)
+def test_shipped_coco_configs_load_into_plain_detectron2(name):
+    """Every configs/coco file is a Detectron2 config: Detectron2's own get_cfg() (no
+    scrl_d2 keys) merges it and build_model builds it, as its tools/train_net.py does."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "coco", name))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu"])
+    model = build_model(cfg)
+    assert type(model).__name__ == "GeneralizedRCNN" and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
+    assert hasattr(model, "roi_heads") and (("mask" in name) == cfg.MODEL.MASK_ON)
+
+
+def test_demo_detection_configs_load_into_detectron2_with_add_scrl_config():
+    """The demo configs use scrl_d2's keys (LOG_PERIOD) and datasets: one call adds them."""
+    from detectron2.config import get_cfg
+
+    import scrl_d2  # noqa: F401  (registers the demo detection datasets)
+    from scrl_d2.config import add_scrl_config
+
+    for name in ("faster_rcnn_demo.yaml", "mask_rcnn_demo.yaml"):
+        cfg = get_cfg()
+        add_scrl_config(cfg)
+        cfg.merge_from_file(os.path.join(ROOT, "configs", "demo", name))
+        assert cfg.LOG_PERIOD == 5 and cfg.MODEL.RESNETS.DEPTH == 18
