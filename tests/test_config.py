@@ -4,7 +4,7 @@ import os
 import pytest
 
 from conftest import ROOT
-from scrl_d2.config import ConfigError, add_scrl_config, get_cfg
+from scrl_d2.config import ConfigError, add_scrl_config, config_from_args, get_cfg
 from scrl_d2.config.config import CfgNode
 from scrl_d2.modeling import build_model
 
@@ -12,9 +12,7 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recurs
 
 
 def load(path):
-    cfg = get_cfg()
-    cfg.merge_from_file(path)
-    return cfg
+    return config_from_args(path)  # as tools/train_net.py loads it
 
 
 def test_shipped_pretraining_configs_hold_the_release_values():
@@ -92,3 +90,35 @@ def test_add_scrl_config_keeps_existing_values():
     other = CfgNode({"MODEL": CfgNode({"RESNETS": CfgNode({"DEPTH": 101})}), "FOO": 1})
     add_scrl_config(other)
     assert other.MODEL.RESNETS.DEPTH == 101 and other.MODEL.SCRL.NUM_BOXES == 10 and other.FOO == 1
+
+
+def test_detection_configs_take_detectron2_defaults_and_pretraining_configs_ours():
+    """A detection config means what it means in Detectron2: every key Detectron2 defines
+    keeps Detectron2's default unless the file sets it (the table in detection_defaults.py,
+    or Detectron2's own get_cfg when installed); pretraining configs keep ours."""
+    from scrl_d2.config.defaults import _C
+    from scrl_d2.config.detection_defaults import detection_defaults
+
+    det = config_from_args("", ["MODEL.META_ARCHITECTURE", "GeneralizedRCNN"])
+    table = detection_defaults()
+    assert (det.SOLVER.AMP.ENABLED, det.TEST.EVAL_PERIOD, det.SOLVER.WEIGHT_DECAY, det.MODEL.RESNETS.NORM,
+            det.MODEL.BACKBONE.FREEZE_AT, det.MODEL.RESNETS.STRIDE_IN_1X1, det.INPUT.FORMAT) == \
+        (False, 0, 0.0001, "FrozenBN", 2, True, "BGR")
+    assert det.MODEL.PIXEL_STD == [1.0, 1.0, 1.0] and det.LOG_PERIOD == _C.LOG_PERIOD  # ours only where D2 has none
+
+    def walk(node, prefix=""):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                yield from walk(v, prefix + k + ".")
+            else:
+                yield prefix + k, v
+
+    def at(node, key):
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    for key, value in walk(table):
+        assert at(det, key) == value, key
+    pre = config_from_args(os.path.join(ROOT, "configs", "scrl_pretrain.yaml"))
+    assert pre.SOLVER.AMP.ENABLED and pre.MODEL.RESNETS.NORM == "SyncBN" and pre.INPUT.FORMAT == "RGB"

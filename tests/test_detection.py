@@ -95,14 +95,13 @@ def test_detection_checkpointer_loads_the_pkl_into_rcnn_fpn(tmp_path, monkeypatc
 
     from scrl_d2.checkpoint.convert import convert_checkpoint
     from scrl_d2.checkpoint.layouts import torchvision_to_d2
-    from scrl_d2.config import get_cfg
+    from scrl_d2.config import config_from_args
     from scrl_d2.modeling import ResNet
 
     tv = tv_resnet(50)
     torch.save(ours_checkpoint(tv), tmp_path / "p.pth")
     convert_checkpoint(str(tmp_path / "p.pth"), str(tmp_path / "r50.pkl"))
-    cfg = get_cfg()
-    cfg.merge_from_file(os.path.join(ROOT, "configs", "coco", config))
+    cfg = config_from_args(os.path.join(ROOT, "configs", "coco", config))
     cfg.MODEL.DEVICE = "cpu"
     model = build_model(cfg).eval()
     ck = DetectionCheckpointer(model)
@@ -170,12 +169,10 @@ def test_torchvision_detector_keeps_box_coordinates_float32_under_autocast(dtype
     monkeypatch.setenv("SCRL_D2_BACKEND", "torchvision")
     from torchvision.models.detection.image_list import ImageList
 
-    from scrl_d2.config import get_cfg
+    from scrl_d2.config import config_from_args
     from scrl_d2.detection.torchvision_model import build_torchvision_detector
 
-    cfg = get_cfg()
-    cfg.merge_from_file(DEMO)
-    cfg.merge_from_list(["INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "256"])
+    cfg = config_from_args(DEMO, ["INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "256"])
     torch.manual_seed(0)
     model = build_torchvision_detector(cfg).eval()
     # anchors of an 800 x 1216 input: the generator only reads the maps' shapes and dtype

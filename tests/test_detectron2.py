@@ -224,3 +224,61 @@ def test_demo_detection_configs_load_into_detectron2_with_add_scrl_config():
         add_scrl_config(cfg)
         cfg.merge_from_file(os.path.join(ROOT, "configs", "demo", name))
         assert cfg.LOG_PERIOD == 5 and cfg.MODEL.RESNETS.DEPTH == 18
+
+
+def test_detection_defaults_table_equals_detectron2():
+    """detection_defaults.py (used without Detectron2) holds Detectron2's defaults for each
+    of its keys and for every key our pretraining defaults share with Detectron2."""
+    from detectron2.config import get_cfg as d2_get_cfg
+
+    from scrl_d2.config.defaults import _C
+    from scrl_d2.config.detection_defaults import detection_defaults
+
+    d2, table = d2_get_cfg(), detection_defaults()
+
+    def walk(node, prefix=""):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                yield from walk(v, prefix + k + ".")
+            else:
+                yield prefix + k, v
+
+    def at(node, key):
+        for part in key.split("."):
+            if part not in node:
+                return KeyError
+            node = node[part]
+        return node
+
+    for key, value in walk(table):
+        assert at(d2, key) == value, key
+    shared = [k for k, _ in walk(_C) if at(d2, k) is not KeyError]
+    assert all(at(table, k) is not KeyError for k in shared), [k for k in shared if at(table, k) is KeyError]
+
+
+def test_a_stock_detectron2_config_keeps_detectron2_meaning(tmp_path):
+    """Detectron2's own COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml through our command
+    line resolves, key by key, to what Detectron2's get_cfg() + merge_from_file gives."""
+    from detectron2.config import get_cfg as d2_get_cfg
+
+    from scrl_d2.config import config_from_args
+
+    d2_root = os.path.dirname(os.path.dirname(os.path.abspath(__import__("detectron2").__file__)))
+    path = os.path.join(d2_root, "configs", "COCO-Detection", "faster_rcnn_R_50_FPN_1x.yaml")
+    if not os.path.isfile(path):
+        pytest.skip(f"Detectron2's configs are not beside its package ({path})")
+    ref = d2_get_cfg()
+    ref.merge_from_file(path)
+    ours = config_from_args(path)
+
+    def walk(node, prefix=""):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                yield from walk(v, prefix + k + ".")
+            else:
+                yield prefix + k, v
+
+    ours_flat = dict(walk(ours))
+    for key, value in walk(ref):
+        assert ours_flat[key] == value, key
+    assert not ours.SOLVER.AMP.ENABLED and ours.INPUT.FORMAT == "BGR" and ours.MODEL.RESNETS.NORM == "FrozenBN"

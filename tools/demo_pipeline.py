@@ -13,7 +13,7 @@ from argparse import Namespace
 
 from scrl_d2.checkpoint import atomic_write
 from scrl_d2.checkpoint.convert import convert_checkpoint
-from scrl_d2.config import get_cfg
+from scrl_d2.config import config_from_args
 from scrl_d2.detection import run_finetune
 from scrl_d2.detection.coco_eval import print_results, results_json
 from scrl_d2.engine import PretrainTrainer, default_setup
@@ -22,9 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg(config_file: str, opts):
-    cfg = get_cfg()
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
+    cfg = config_from_args(config_file, opts)
     cfg.freeze()
     default_setup(cfg, Namespace(config_file=config_file, resume=False))
     return cfg

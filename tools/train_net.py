@@ -15,7 +15,7 @@ import sys
 
 from torch.multiprocessing import ProcessExitedException
 
-from scrl_d2.config import ConfigError, check_config, get_cfg
+from scrl_d2.config import ConfigError, check_config, config_from_args
 from scrl_d2.detection import is_detection_config, run_finetune
 from scrl_d2.detection.coco_eval import print_results
 from scrl_d2.engine import PretrainTrainer, default_argument_parser, default_setup, launch, run_main
@@ -25,10 +25,7 @@ from scrl_d2.utils import comm
 
 
 def setup(args):
-    cfg = get_cfg()
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts or [])
+    cfg = config_from_args(args.config_file, args.opts)  # Detectron2's defaults for detection configs
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
@@ -91,11 +88,7 @@ def cli(argv=None) -> None:
     (see scrl_d2.engine.run_main); SCRL_D2_DEBUG=1 prints tracebacks too."""
     args = default_argument_parser().parse_args(argv)
     try:  # fail on config errors here, with a clear message, before any process starts
-        cfg = get_cfg()
-        if args.config_file:
-            cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts or [])
-        check_config(cfg)
+        check_config(config_from_args(args.config_file, args.opts))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)

@@ -1,3 +1,3 @@
-from .config import CfgNode, ConfigError, add_scrl_config, check_config, configurable, get_cfg
+from .config import CfgNode, ConfigError, add_scrl_config, check_config, config_from_args, configurable, get_cfg
 
-__all__ = ["CfgNode", "ConfigError", "add_scrl_config", "check_config", "configurable", "get_cfg"]
+__all__ = ["CfgNode", "ConfigError", "add_scrl_config", "check_config", "config_from_args", "configurable", "get_cfg"]

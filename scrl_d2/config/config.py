@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, Optional
 import yaml
 from fvcore.common.config import CfgNode as _FvCfgNode
 
-__all__ = ["CfgNode", "ConfigError", "get_cfg", "add_scrl_config", "configurable", "check_config"]
+__all__ = ["CfgNode", "ConfigError", "get_cfg", "config_from_args", "add_scrl_config", "configurable", "check_config"]
 
 
 class ConfigError(ValueError):
@@ -81,27 +81,61 @@ def _coerce_ints(default: _FvCfgNode, loaded: _FvCfgNode, prefix: str) -> None:
                 loaded[k] = type(v)(float(x) if isinstance(x, int) else x for x in v)
 
 
-def get_cfg() -> CfgNode:
-    """A fresh copy of the defaults of ``scrl_d2/config/defaults.py``.
+def get_cfg(detection: bool = False) -> CfgNode:
+    """A fresh copy of the defaults.
 
-    With the Detectron2 backend, Detectron2's own defaults come underneath (its builders
-    read keys we do not define, e.g. ``MODEL.RESNETS.DEFORM_ON_PER_STAGE``), and ours
-    take precedence wherever both define a key, so a YAML file means the same thing on
-    both backends.
+    Pretraining (default): ``scrl_d2/config/defaults.py``; with the Detectron2 backend,
+    Detectron2's own defaults come underneath (its builders read keys we do not define)
+    and ours take precedence wherever both define a key. ``detection=True``: Detectron2's
+    defaults for every detection key (its ``get_cfg()``, or the same values kept in
+    ``detection_defaults.py`` without it), and ours only for keys Detectron2 lacks, so a
+    detection config means exactly what it means in Detectron2.
     """
     from ..backend import use_detectron2
     from .defaults import _C
+    from .detection_defaults import detection_defaults
 
     ours = CfgNode(_C.clone())
+    if use_detectron2():
+        from detectron2.config import get_cfg as d2_get_cfg
+
+        base = CfgNode(d2_get_cfg())
+    else:
+        base = CfgNode(detection_defaults())
+    if detection:
+        _add_missing(base, ours)
+        return base
     if not use_detectron2():
-        from .detection_defaults import detection_defaults
-
-        _add_missing(ours, detection_defaults())
+        _add_missing(ours, base)
         return ours
-    from detectron2.config import get_cfg as d2_get_cfg
+    _overlay(base, ours)
+    return base
 
-    cfg = CfgNode(d2_get_cfg())
-    _overlay(cfg, ours)
+
+# Meta-architectures whose configs take scrl_d2's (pretraining) defaults; any other
+# (GeneralizedRCNN, RetinaNet ...) is a Detectron2 config and takes Detectron2's.
+PRETRAINING_ARCHITECTURES = ("SCRL", "BYOL")
+
+
+def config_from_args(config_file: str, opts: Optional[list] = None) -> CfgNode:
+    """The config of a command line: the defaults its META_ARCHITECTURE calls for (see
+    :func:`get_cfg`), then the file, then the KEY VALUE overrides."""
+    arch = None
+    if config_file:
+        try:
+            arch = (CfgNode.load_yaml_with_base(config_file) or {}).get("MODEL", {}).get("META_ARCHITECTURE")
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {config_file}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {config_file} is not valid YAML: {e}") from e
+    opts = list(opts or [])
+    for key, value in zip(opts[0::2], opts[1::2]):
+        if key == "MODEL.META_ARCHITECTURE":
+            arch = value
+    cfg = get_cfg(detection=arch is not None and arch not in PRETRAINING_ARCHITECTURES)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts)
     return cfg
 
 

@@ -1,6 +1,8 @@
-"""The Detectron2 detection keys that the torchvision fine-tuning path reads, with
-Detectron2's default values, so one detection YAML file serves both paths. With
-Detectron2 installed its own defaults (a superset) are used instead."""
+"""Detectron2's default values of the detection keys the torchvision fine-tuning path
+reads, and of every key scrl_d2's pretraining defaults share with Detectron2, kept as
+data: a detection config means what it means in Detectron2 on both paths. With
+Detectron2 installed its own ``get_cfg()`` (a superset) is used instead;
+``tests/test_detectron2.py`` checks this table against it key by key."""
 from fvcore.common.config import CfgNode as CN
 
 __all__ = ["detection_defaults"]
@@ -8,48 +10,68 @@ __all__ = ["detection_defaults"]
 
 def detection_defaults() -> CN:
     _C = CN()
+    _C.VERSION = 2
     _C.MODEL = CN()
+    _C.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    _C.MODEL.DEVICE = "cuda"
+    _C.MODEL.WEIGHTS = ""
+    _C.MODEL.PIXEL_MEAN = [103.53, 116.28, 123.675]  # BGR, Caffe2 MSRA weights
+    _C.MODEL.PIXEL_STD = [1.0, 1.0, 1.0]
+    _C.MODEL.BACKBONE = CN()
+    _C.MODEL.BACKBONE.NAME = "build_resnet_backbone"
+    _C.MODEL.BACKBONE.FREEZE_AT = 2
+    _C.MODEL.RESNETS = CN()
+    _C.MODEL.RESNETS.DEPTH = 50
+    _C.MODEL.RESNETS.OUT_FEATURES = ["res4"]
+    _C.MODEL.RESNETS.NUM_GROUPS = 1
+    _C.MODEL.RESNETS.WIDTH_PER_GROUP = 64
+    _C.MODEL.RESNETS.NORM = "FrozenBN"
+    _C.MODEL.RESNETS.STRIDE_IN_1X1 = True
+    _C.MODEL.RESNETS.RES5_DILATION = 1
+    _C.MODEL.RESNETS.RES2_OUT_CHANNELS = 256
+    _C.MODEL.RESNETS.STEM_OUT_CHANNELS = 64
     _C.MODEL.MASK_ON = False
     _C.MODEL.LOAD_PROPOSALS = False
     _C.MODEL.FPN = CN()
-    _C.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    _C.MODEL.FPN.IN_FEATURES = []
     _C.MODEL.FPN.OUT_CHANNELS = 256
     _C.MODEL.FPN.NORM = ""
     _C.MODEL.RPN = CN()
     _C.MODEL.RPN.IN_FEATURES = ["res4"]
     _C.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 256
     _C.MODEL.RPN.POSITIVE_FRACTION = 0.5
-    _C.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 2000
-    _C.MODEL.RPN.PRE_NMS_TOPK_TEST = 1000
-    _C.MODEL.RPN.POST_NMS_TOPK_TRAIN = 1000
+    _C.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 12000
+    _C.MODEL.RPN.PRE_NMS_TOPK_TEST = 6000
+    _C.MODEL.RPN.POST_NMS_TOPK_TRAIN = 2000
     _C.MODEL.RPN.POST_NMS_TOPK_TEST = 1000
     _C.MODEL.RPN.NMS_THRESH = 0.7
     _C.MODEL.ROI_HEADS = CN()
-    _C.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    _C.MODEL.ROI_HEADS.NAME = "Res5ROIHeads"
     _C.MODEL.ROI_HEADS.NUM_CLASSES = 80
     _C.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 512
     _C.MODEL.ROI_HEADS.POSITIVE_FRACTION = 0.25
     _C.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.05
     _C.MODEL.ROI_HEADS.NMS_THRESH_TEST = 0.5
-    _C.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    _C.MODEL.ROI_HEADS.IN_FEATURES = ["res4"]
     _C.MODEL.ROI_BOX_HEAD = CN()
-    _C.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+    _C.MODEL.ROI_BOX_HEAD.NAME = ""
     _C.MODEL.ROI_BOX_HEAD.NUM_CONV = 0
     _C.MODEL.ROI_BOX_HEAD.CONV_DIM = 256
-    _C.MODEL.ROI_BOX_HEAD.NUM_FC = 2
+    _C.MODEL.ROI_BOX_HEAD.NUM_FC = 0
     _C.MODEL.ROI_BOX_HEAD.FC_DIM = 1024
     _C.MODEL.ROI_BOX_HEAD.NORM = ""
-    _C.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
+    _C.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 14
     _C.MODEL.ROI_MASK_HEAD = CN()
     _C.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
-    _C.MODEL.ROI_MASK_HEAD.NUM_CONV = 4
+    _C.MODEL.ROI_MASK_HEAD.NUM_CONV = 0
     _C.MODEL.ROI_MASK_HEAD.CONV_DIM = 256
     _C.MODEL.ROI_MASK_HEAD.NORM = ""
     _C.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION = 14
     _C.MODEL.ANCHOR_GENERATOR = CN()
-    _C.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
+    _C.MODEL.ANCHOR_GENERATOR.SIZES = [[32, 64, 128, 256, 512]]
     _C.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
     _C.INPUT = CN()
+    _C.INPUT.FORMAT = "BGR"
     _C.INPUT.MIN_SIZE_TRAIN = (800,)
     _C.INPUT.MIN_SIZE_TRAIN_SAMPLING = "choice"
     _C.INPUT.MAX_SIZE_TRAIN = 1333
@@ -57,10 +79,21 @@ def detection_defaults() -> CN:
     _C.INPUT.MAX_SIZE_TEST = 1333
     _C.INPUT.RANDOM_FLIP = "horizontal"
     _C.INPUT.MASK_FORMAT = "polygon"
+    _C.DATASETS = CN()
+    _C.DATASETS.TRAIN = ()
+    _C.DATASETS.TEST = ()
     _C.DATALOADER = CN()
+    _C.DATALOADER.NUM_WORKERS = 4
     _C.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
     _C.DATALOADER.ASPECT_RATIO_GROUPING = True
     _C.SOLVER = CN()
+    _C.SOLVER.MAX_ITER = 40000
+    _C.SOLVER.BASE_LR = 0.001
+    _C.SOLVER.MOMENTUM = 0.9
+    _C.SOLVER.NESTEROV = False
+    _C.SOLVER.WEIGHT_DECAY = 0.0001
+    _C.SOLVER.AMP = CN()
+    _C.SOLVER.AMP.ENABLED = False
     _C.SOLVER.IMS_PER_BATCH = 16
     _C.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"
     _C.SOLVER.STEPS = (30000,)
@@ -73,8 +106,12 @@ def detection_defaults() -> CN:
     _C.SOLVER.BIAS_LR_FACTOR = 1.0
     _C.SOLVER.REFERENCE_WORLD_SIZE = 0
     _C.TEST = CN()
+    _C.TEST.EVAL_PERIOD = 0
     _C.TEST.DETECTIONS_PER_IMAGE = 100
     _C.TEST.PRECISE_BN = CN()
     _C.TEST.PRECISE_BN.ENABLED = False
     _C.TEST.PRECISE_BN.NUM_ITER = 200
+    _C.OUTPUT_DIR = "./output"
+    _C.SEED = -1
+    _C.CUDNN_BENCHMARK = False
     return _C
