@@ -51,6 +51,24 @@ SHIPPED_TINY = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNE
                 "DATALOADER.NUM_WORKERS", "1", "MODEL.CHANNELS_LAST", "False", "SEED", "3"]
 
 
+def flat_items(node, prefix: str = ""):
+    """``(dotted key, value)`` of every leaf of a config."""
+    for k, v in node.items():
+        if isinstance(v, dict):
+            yield from flat_items(v, prefix + k + ".")
+        else:
+            yield prefix + k, v
+
+
+def cfg_at(node, key: str):
+    """The value at a dotted key, or ``KeyError`` (the class) when a part is missing."""
+    for part in key.split("."):
+        if part not in node:
+            return KeyError
+        node = node[part]
+    return node
+
+
 def tiny_cfg(train: str, arch: str = "SCRL", out: str = ""):
     """ResNet-18 at 64 px, small heads, CPU: a step takes a fraction of a second."""
     cfg = get_cfg()

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, cfg_at, flat_items
 from scrl_d2.config import ConfigError, add_scrl_config, config_from_args, get_cfg
 from scrl_d2.config.config import CfgNode
 from scrl_d2.modeling import build_model
@@ -106,19 +106,7 @@ def test_detection_configs_take_detectron2_defaults_and_pretraining_configs_ours
         (False, 0, 0.0001, "FrozenBN", 2, True, "BGR")
     assert det.MODEL.PIXEL_STD == [1.0, 1.0, 1.0] and det.LOG_PERIOD == _C.LOG_PERIOD  # ours only where D2 has none
 
-    def walk(node, prefix=""):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                yield from walk(v, prefix + k + ".")
-            else:
-                yield prefix + k, v
-
-    def at(node, key):
-        for part in key.split("."):
-            node = node[part]
-        return node
-
-    for key, value in walk(table):
-        assert at(det, key) == value, key
+    for key, value in flat_items(table):
+        assert cfg_at(det, key) == value, key
     pre = config_from_args(os.path.join(ROOT, "configs", "scrl_pretrain.yaml"))
     assert pre.SOLVER.AMP.ENABLED and pre.MODEL.RESNETS.NORM == "SyncBN" and pre.INPUT.FORMAT == "RGB"

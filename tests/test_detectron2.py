@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(
     reason="Detectron2 is not installed (it is on no package registry; see README 'Detectron2 backend')",
 )
 
-from conftest import ROOT, tiny_cfg, tiny_opts  # noqa: E402
+from conftest import ROOT, cfg_at, flat_items, tiny_cfg, tiny_opts  # noqa: E402
 from test_engine import assert_same_weights, model_state, run_cli  # noqa: E402
 
 PRETRAIN_CONFIGS = ["scrl_pretrain.yaml", "scrl_pretrain_1000ep.yaml", "byol_pretrain.yaml", "byol_pretrain_1000ep.yaml"]
@@ -235,25 +235,11 @@ def test_detection_defaults_table_equals_detectron2():
     from scrl_d2.config.detection_defaults import detection_defaults
 
     d2, table = d2_get_cfg(), detection_defaults()
-
-    def walk(node, prefix=""):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                yield from walk(v, prefix + k + ".")
-            else:
-                yield prefix + k, v
-
-    def at(node, key):
-        for part in key.split("."):
-            if part not in node:
-                return KeyError
-            node = node[part]
-        return node
-
-    for key, value in walk(table):
-        assert at(d2, key) == value, key
-    shared = [k for k, _ in walk(_C) if at(d2, k) is not KeyError]
-    assert all(at(table, k) is not KeyError for k in shared), [k for k in shared if at(table, k) is KeyError]
+    for key, value in flat_items(table):
+        assert cfg_at(d2, key) == value, key
+    shared = [k for k, _ in flat_items(_C) if cfg_at(d2, k) is not KeyError]
+    missing = [k for k in shared if cfg_at(table, k) is KeyError]
+    assert not missing, missing
 
 
 def test_a_stock_detectron2_config_keeps_detectron2_meaning(tmp_path):
@@ -270,15 +256,7 @@ def test_a_stock_detectron2_config_keeps_detectron2_meaning(tmp_path):
     ref = d2_get_cfg()
     ref.merge_from_file(path)
     ours = config_from_args(path)
-
-    def walk(node, prefix=""):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                yield from walk(v, prefix + k + ".")
-            else:
-                yield prefix + k, v
-
-    ours_flat = dict(walk(ours))
-    for key, value in walk(ref):
+    ours_flat = dict(flat_items(ours))
+    for key, value in flat_items(ref):
         assert ours_flat[key] == value, key
     assert not ours.SOLVER.AMP.ENABLED and ours.INPUT.FORMAT == "BGR" and ours.MODEL.RESNETS.NORM == "FrozenBN"
