@@ -21,14 +21,19 @@ class CfgNode(_FvCfgNode):
       key and the file it came from, instead of yacs' bare ``KeyError``.
     """
 
-    def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
+    @classmethod
+    def load_file(cls, cfg_filename: str, allow_unsafe: bool = False) -> dict:
+        """The file with its ``_BASE_`` chain merged; a missing or malformed file raises
+        :class:`ConfigError` naming it."""
         try:
-            loaded = self.load_yaml_with_base(cfg_filename, allow_unsafe=allow_unsafe)
+            return cls.load_yaml_with_base(cfg_filename, allow_unsafe=allow_unsafe) or {}
         except FileNotFoundError as e:
             raise ConfigError(f"config file not found: {cfg_filename}") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {cfg_filename} is not valid YAML: {e}") from e
-        loaded = type(self)(loaded)
+
+    def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
+        loaded = type(self)(self.load_file(cfg_filename, allow_unsafe))
         _coerce_ints(self, loaded, prefix="")
         try:
             self.merge_from_other_cfg(loaded)
@@ -96,7 +101,8 @@ def get_cfg(detection: bool = False) -> CfgNode:
     from .detection_defaults import detection_defaults
 
     ours = CfgNode(_C.clone())
-    if use_detectron2():
+    d2 = use_detectron2()
+    if d2:
         from detectron2.config import get_cfg as d2_get_cfg
 
         base = CfgNode(d2_get_cfg())
@@ -105,11 +111,11 @@ def get_cfg(detection: bool = False) -> CfgNode:
     if detection:
         _add_missing(base, ours)
         return base
-    if not use_detectron2():
-        _add_missing(ours, base)
-        return ours
-    _overlay(base, ours)
-    return base
+    if d2:
+        _overlay(base, ours)
+        return base
+    _add_missing(ours, base)
+    return ours
 
 
 # Meta-architectures whose configs take scrl_d2's (pretraining) defaults; any other
@@ -120,14 +126,7 @@ PRETRAINING_ARCHITECTURES = ("SCRL", "BYOL")
 def config_from_args(config_file: str, opts: Optional[list] = None) -> CfgNode:
     """The config of a command line: the defaults its META_ARCHITECTURE calls for (see
     :func:`get_cfg`), then the file, then the KEY VALUE overrides."""
-    arch = None
-    if config_file:
-        try:
-            arch = (CfgNode.load_yaml_with_base(config_file) or {}).get("MODEL", {}).get("META_ARCHITECTURE")
-        except FileNotFoundError as e:
-            raise ConfigError(f"config file not found: {config_file}") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {config_file} is not valid YAML: {e}") from e
+    arch = CfgNode.load_file(config_file).get("MODEL", {}).get("META_ARCHITECTURE") if config_file else None
     opts = list(opts or [])
     for key, value in zip(opts[0::2], opts[1::2]):
         if key == "MODEL.META_ARCHITECTURE":

@@ -35,8 +35,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _exit_code(e: BaseException) -> int:
-    """2 for bad input (config, paths, files, names), 3 for divergence, 1 otherwise."""
+def _exit_code(e: BaseException) -> Optional[int]:
+    """The status of a known failure: 2 bad input (config, paths, files, names), 3
+    divergence, 1 an unwritable checkpoint; None for anything else."""
     from ..checkpoint import CheckpointWriteError
     from ..config import ConfigError
 
@@ -47,7 +48,7 @@ def _exit_code(e: BaseException) -> int:
     if isinstance(e, (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError,
                       ImportError)):
         return EXIT_BAD_INPUT
-    return EXIT_FAILED
+    return None
 
 
 def _log_to_files(msg: str, exc_info) -> None:
@@ -64,8 +65,6 @@ def run_main(main_func, *args) -> None:
     line on stderr and its exit status: 2 bad input, 3 divergence, 1 an unwritable
     checkpoint; the full traceback goes to log.txt (and to stderr with SCRL_D2_DEBUG=1).
     Anything else is raised as usual (traceback, exit status 1), and logged to log.txt."""
-    from ..checkpoint import CheckpointWriteError
-
     try:
         main_func(*args)
     except (KeyboardInterrupt, SystemExit):
@@ -73,8 +72,7 @@ def run_main(main_func, *args) -> None:
     except Exception as e:
         _log_to_files(f"fatal error: {type(e).__name__}: {e}", sys.exc_info())
         code = _exit_code(e)
-        known = code != EXIT_FAILED or isinstance(e, CheckpointWriteError)
-        if not known or os.environ.get("SCRL_D2_DEBUG"):
+        if code is None or os.environ.get("SCRL_D2_DEBUG"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         rank = f"[rank {comm.get_rank()}] " if comm.get_world_size() > 1 else ""
