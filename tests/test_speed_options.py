@@ -18,6 +18,7 @@ def _losses(cfg, state, batches):
     out = []
     for b in batches:
         trainer.run_step(copy.deepcopy(b), 0.0)
+        trainer.iter += 1
         out.append(float(trainer.pop_window()[-1]["values"]["loss"]))
     return out
 

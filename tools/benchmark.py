@@ -293,6 +293,7 @@ def bench_train(cfg, iters: int, warmup: int, window: int = 5, with_model: bool 
             it = iter(trainer.loader)
             batch = next(it)
         trainer.run_step(batch, 0.0)
+        trainer.iter += 1
         trainer.pop_window()
 
     for _ in range(warmup):

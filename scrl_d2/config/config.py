@@ -149,6 +149,8 @@ _RULES = [
     ("SOLVER.BASE_LR", lambda v: 0 < v < float("inf"), "a finite number > 0"),
     ("SOLVER.SNAPSHOT_INTERVAL", lambda v: v >= 1, "an integer >= 1 (epochs)"),
     ("SOLVER.SNAPSHOT_MAX_TO_KEEP", lambda v: v >= 0, "an integer >= 0 (0: keep all)"),
+    ("SOLVER.CHECKPOINT_PERIOD", lambda v: v >= 0, "an integer >= 0 (iterations; 0: epoch checkpoints only)"),
+    ("SOLVER.CHECKPOINT_MAX_TO_KEEP", lambda v: v >= 0, "an integer >= 0 (0: keep all)"),
     ("DATALOADER.NUM_WORKERS", lambda v: v >= 0, "an integer >= 0"),
     ("INPUT.CROP_SIZE", lambda v: v >= 1, "an integer >= 1 (pixels)"),
     ("MODEL.SCRL.NUM_BOXES", lambda v: v >= 1, "an integer >= 1"),

@@ -170,6 +170,11 @@ _C.SOLVER.SNAPSHOT_INTERVAL = 20
 # Keep only the newest this many checkpoint_{epoch}.pth files (0: all); checkpoint_best.pth
 # and the one checkpoint_last.pth names are always kept.
 _C.SOLVER.SNAPSHOT_MAX_TO_KEEP = 0
+# Detectron2's key and meaning: also save a checkpoint after every this number of
+# iterations (model_{iter:07d}.pth, resumable mid-epoch); 0: epoch checkpoints only.
+_C.SOLVER.CHECKPOINT_PERIOD = 0
+# Keep only the newest this many model_{iter:07d}.pth files (0: all).
+_C.SOLVER.CHECKPOINT_MAX_TO_KEEP = 2
 _C.SOLVER.AMP = CN()
 _C.SOLVER.AMP.ENABLED = True
 # "auto": bfloat16 where supported, else float16 with a gradient scaler.

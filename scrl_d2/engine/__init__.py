@@ -7,10 +7,11 @@ from .defaults import (
     resolve_output_dir,
     run_main,
 )
-from .hooks import EpochCheckpointer, HookBase, MetricsWriter, ProbeEvaluator
+from .hooks import EpochCheckpointer, EventWriters, HookBase, IterationCheckpointer, ProbeEvaluator, StepMetrics
 from .launch import launch
 from .trainer import PretrainTrainer, amp_dtype
 
 __all__ = ["TrainingDiverged", "run_main", "create_ddp_model", "default_argument_parser", "default_setup",
-           "resolve_device", "resolve_output_dir", "EpochCheckpointer", "HookBase", "MetricsWriter", "ProbeEvaluator",
+           "resolve_device", "resolve_output_dir", "EpochCheckpointer", "EventWriters", "HookBase", "IterationCheckpointer",
+           "ProbeEvaluator", "StepMetrics",
            "launch", "PretrainTrainer", "amp_dtype"]

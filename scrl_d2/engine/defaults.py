@@ -206,9 +206,11 @@ def default_setup(cfg, args) -> None:
     # fvcore's checkpoint-loading reports (missing / unexpected keys) into log.txt too, as
     # Detectron2's default_setup does.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="fvcore")
-    from ..backend import use_detectron2
+    from ..backend import detectron2_available
 
-    if use_detectron2():  # Detectron2's own components log to its logger: same console and log.txt
+    # Detectron2's components (its event writers whenever it is installed, its modules
+    # with that backend) log to its logger: the same console and log.txt.
+    if detectron2_available():
         setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="detectron2")
     logger.info(f"rank {rank} of {comm.get_world_size()}; torch {torch.__version__}; "
                 f"CUDA {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")

@@ -4,7 +4,8 @@ import logging
 import os
 import random
 import time
-from typing import Dict, List, Optional
+import weakref
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -26,7 +27,18 @@ from ..solver import build_lr_scheduler, build_momentum_scheduler, build_optimiz
 from ..utils import comm
 from .ddp import create_ddp_model
 from .defaults import TrainingDiverged, resolve_device
-from .hooks import EpochCheckpointer, HookBase, KnnMonitor, MetricsWriter, ProbeEvaluator
+from ..utils.events import EventStorage
+from .hooks import (
+    EpochCheckpointer,
+    EventWriters,
+    HookBase,
+    IterationCheckpointer,
+    KnnMonitor,
+    ProbeEvaluator,
+    StepMetrics,
+    default_writers,
+    hook_states,
+)
 
 __all__ = ["PretrainTrainer", "amp_dtype", "build_forward", "build_grad_scaler", "optimization_step"]
 
@@ -62,15 +74,20 @@ def build_forward(cfg, module: torch.nn.Module):
 
 
 def optimization_step(forward, model, optimizer, scaler: torch.amp.GradScaler, batch: Dict[str, torch.Tensor],
-                      dtype: Optional[torch.dtype], device: torch.device, momentum: float) -> Dict[str, torch.Tensor]:
+                      dtype: Optional[torch.dtype], device: torch.device, momentum: float,
+                      after_backward: Optional[Callable[[], None]] = None) -> Dict[str, torch.Tensor]:
     """One step in the release's order: forward (autocast) -> backward -> optimizer step
-    -> EMA update of the target with this step's momentum. Returns the forward's outputs."""
+    -> EMA update of the target with this step's momentum. Returns the forward's outputs.
+    ``after_backward`` runs between backward and the optimizer step (Detectron2's hook
+    point)."""
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with autocast:
         out = forward(batch)
     total = sum(v for k, v in out.items() if k.startswith("loss"))
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
+    if after_backward is not None:
+        after_backward()
     scaler.step(optimizer)
     scaler.update()
     model.update_target(momentum)
@@ -144,27 +161,55 @@ class PretrainTrainer:
         self.lr_schedule = build_lr_scheduler(cfg, scaled_lr(cfg, self.world_size), self.iters_per_epoch)
         self.momentum_schedule = build_momentum_scheduler(cfg, self.iters_per_epoch)
         self.global_batch = cfg.SOLVER.IMS_PER_GPU * self.world_size
+        # Detectron2's convention: during a step ``iter`` is its 0-based index (hooks'
+        # after_step see the step just run); between steps it counts the steps done.
         self.iter = self.start_iter = 0
         self.epoch = 0
+        self.epoch_end = False  # whether the step just run was the last of an epoch
+        self._in_step = False
         self.lr = self.momentum = 0.0
         self.skipped_steps = 0
         self.skipped_images = 0
+        self.storage: Optional[EventStorage] = None
         self._window: List[Dict] = []
         self.checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(),
                                          optimizer=self.optimizer, scaler=self.scaler)
-        self.writer = MetricsWriter(cfg.OUTPUT_DIR, cfg.LOG_PERIOD)
-        self.hooks: List[HookBase] = [self.writer]
+        model.report_to_storage = False  # StepMetrics reads the metrics once per LOG_PERIOD
         self.best_probe, self.best_probe_epoch = -1.0, 0
         self.eval_history: List[Dict] = []  # every evaluation so far; part of the checkpoint
-        # Evaluations run before the epoch's checkpoint, which then records them: a run
-        # interrupted anywhere resumes to the same evaluation record.
-        if model.probe is not None and cfg.DATASETS.TEST and cfg.TEST.EVAL_PERIOD > 0:
-            self.hooks.append(ProbeEvaluator(cfg.TEST.EVAL_PERIOD, self.evaluate_probe, self.writer))
+        self._hooks: List[HookBase] = []
+        self.register_hooks(self.build_hooks(num_classes))
+
+    def build_hooks(self, num_classes: int = 0) -> List[HookBase]:
+        """The default hooks, in order (override to change them, as Detectron2's
+        ``DefaultTrainer.build_hooks``). Evaluations run before the epoch's checkpoint,
+        which then records them: a run interrupted anywhere resumes to the same
+        evaluation record. The writers come last."""
+        cfg = self.cfg
+        hooks: List[HookBase] = [StepMetrics()]
+        if self.model.probe is not None and cfg.DATASETS.TEST and cfg.TEST.EVAL_PERIOD > 0:
+            hooks.append(ProbeEvaluator(cfg.TEST.EVAL_PERIOD, self.evaluate_probe))
         if cfg.KNN.PERIOD > 0 and cfg.DATASETS.TEST and num_classes > 0:
-            self.hooks.append(KnnMonitor(cfg.KNN.PERIOD, self.writer))
-        self.hooks.append(EpochCheckpointer(cfg.SOLVER.SNAPSHOT_INTERVAL, cfg.SOLVER.SNAPSHOT_MAX_TO_KEEP))
-        for h in self.hooks:
-            h.trainer = self
+            hooks.append(KnnMonitor(cfg.KNN.PERIOD))
+        epochs = EpochCheckpointer(cfg.SOLVER.SNAPSHOT_INTERVAL, cfg.SOLVER.SNAPSHOT_MAX_TO_KEEP)
+        if cfg.SOLVER.CHECKPOINT_PERIOD > 0:
+            hooks.append(IterationCheckpointer(cfg.SOLVER.CHECKPOINT_PERIOD, cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP, epochs))
+        hooks.append(epochs)
+        hooks.append(EventWriters(lambda: default_writers(cfg.OUTPUT_DIR, self.max_iter)))
+        return hooks
+
+    def register_hooks(self, hooks: List[Optional[HookBase]]) -> None:
+        """Append hooks (Detectron2 ``HookBase`` subclasses work) in the order given. The
+        writers stay last, so that what a hook puts into the storage is written."""
+        hooks = [h for h in hooks if h is not None]
+        for h in hooks:
+            h.trainer = weakref.proxy(self)  # as Detectron2: no reference cycle
+        tail = [h for h in self._hooks if isinstance(h, EventWriters)]
+        self._hooks = [h for h in self._hooks if not isinstance(h, EventWriters)] + hooks + tail
+
+    @property
+    def hooks(self) -> List[HookBase]:
+        return self._hooks
 
     def _check_norm(self, model) -> None:
         """Say which batch-norm statistics this run uses (the release: global batch)."""
@@ -181,12 +226,12 @@ class PretrainTrainer:
                            "MODEL.BYOL.HEAD_NORM 'BN'); the release synchronises them ('SyncBN')")
 
     # ---------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, name: str, essential: bool = True) -> None:
+    def save_checkpoint(self, name: str, essential: bool = True, **extra) -> None:
         """Write ``name.pth`` (never with a non-finite tensor). A failed write of an
         essential checkpoint stops the run; of another (``checkpoint_best``) it warns."""
         self.check_finite(f"before writing {name}.pth")
         try:
-            self.checkpointer.save(name, tag_last=essential, trainer=self.state_dict())
+            self.checkpointer.save(name, tag_last=essential, trainer=self.state_dict(), **extra)
         except CheckpointWriteError as e:
             if essential:
                 raise
@@ -208,20 +253,29 @@ class PretrainTrainer:
                 f"{len(bad)} tensors, e.g. {bad[:3]}; stopped {when}. Last good checkpoint: "
                 f"{self.last_good_checkpoint()}. Lower SOLVER.BASE_LR or check the data, then resume from it.")
 
-    def diverged_loss(self, key: str, value: float) -> None:
+    def diverged_loss(self, key: str, value: float, iteration: int) -> None:
         raise TrainingDiverged(
-            f"training diverged at iteration {self.iter} (epoch {self.epoch_float():.2f}): {key} is {value}; "
+            f"training diverged at iteration {iteration} (epoch {iteration / self.iters_per_epoch:.2f}): {key} is "
+            f"{value}; "
             f"nothing was written after it. Last good checkpoint: {self.last_good_checkpoint()}. Lower "
             "SOLVER.BASE_LR or check the data, then resume from it.")
 
     def state_dict(self) -> Dict:
-        return {"iter": self.iter, "epoch": self.epoch, "seed": self.cfg.SEED, "skipped_steps": self.skipped_steps,
-                "best_probe": self.best_probe, "best_probe_epoch": self.best_probe_epoch,
-                "eval_history": self.eval_history,
-                "skipped_images": self.skipped_images, "world_size": self.world_size, "rng": _rng_state()}
+        """``iter``: steps done (the next step's index), from a hook's after_step too."""
+        return {"iter": self.iter + 1 if self._in_step else self.iter, "epoch": self.epoch, "seed": self.cfg.SEED,
+                "skipped_steps": self.skipped_steps, "best_probe": self.best_probe,
+                "best_probe_epoch": self.best_probe_epoch, "eval_history": self.eval_history,
+                "skipped_images": self.skipped_images, "world_size": self.world_size, "rng": _rng_state(),
+                "hooks": hook_states(self._hooks)}
 
     def load_state_dict(self, state: Dict) -> None:
         self.iter = self.start_iter = int(state["iter"])
+        for name, value in state.get("hooks", {}).items():  # as Detectron2's TrainerBase
+            match = [h for h in self._hooks if type(h).__qualname__ == name]
+            if match:
+                match[0].load_state_dict(value)
+            else:
+                logger.warning(f"no hook {name} in this run: its saved state is ignored")
         self.epoch = self.iter // self.iters_per_epoch
         self.skipped_steps = state.get("skipped_steps", 0)
         self.skipped_images = state.get("skipped_images", 0)
@@ -251,6 +305,14 @@ class PretrainTrainer:
         if path:
             logger.info(f"resuming from {path}")
             extra = self.checkpointer.load(path)
+            if "trainer" not in extra and "iteration" in extra:
+                # written by Detectron2's own PeriodicCheckpointer hook: weights, optimizer and
+                # iteration only (the data order follows from the iteration; RNG and
+                # evaluation history start afresh)
+                logger.warning(f"{path} has no trainer state (a Detectron2 PeriodicCheckpointer file): resuming "
+                               f"after its iteration {extra['iteration']} with fresh RNG and evaluation history")
+                extra["trainer"] = {"iter": int(extra["iteration"]) + 1, "seed": self.cfg.SEED,
+                                    "world_size": self.world_size}
             self.load_state_dict(extra.get("trainer", {"iter": 0}))
             logger.info(f"resumed at epoch {self.epoch}, iteration {self.iter}")
             return True
@@ -281,23 +343,34 @@ class PretrainTrainer:
 
     # ---------------------------------------------------------------- loop
     def epoch_float(self) -> float:
-        return self.iter / self.iters_per_epoch
+        return (self.iter + 1 if self._in_step else self.iter) / self.iters_per_epoch
 
     def pop_window(self) -> List[Dict]:
         window, self._window = self._window, []
         return window
 
+    def is_log_step(self) -> bool:
+        """Whether the writers write after this step: every LOG_PERIOD steps (as
+        Detectron2's PeriodicWriter), at the last step and at each epoch end."""
+        period = max(1, self.cfg.LOG_PERIOD)
+        return (self.iter + 1) % period == 0 or self.iter == self.max_iter - 1 or self.epoch_end
+
     def train(self) -> None:
+        """Detectron2's ``TrainerBase.train`` with epochs: an ``EventStorage`` around the
+        run, hooks called at the same points; when it returns normally ``iter ==
+        max_iter``."""
         logger.info(f"training {self.max_iter} iterations ({self.iters_per_epoch}/epoch, {self.max_epoch} epochs) "
                     f"from iteration {self.iter}; global batch {self.global_batch}; output {self.cfg.OUTPUT_DIR}")
-        for h in self.hooks:
-            h.before_train()
-        try:
-            while self.iter < self.max_iter:
-                self.run_epoch()
-        finally:
-            for h in self.hooks:
-                h.after_train()
+        with EventStorage(self.start_iter) as self.storage:
+            try:
+                for h in self._hooks:
+                    h.before_train()
+                while self.iter < self.max_iter:
+                    self.run_epoch()
+            finally:
+                self.storage.iter = self.iter  # as Detectron2: == max_iter after a complete run
+                for h in self._hooks:
+                    h.after_train()
         logger.info(f"training done at iteration {self.iter}")
         if self.world_size > 1:
             self.check_replicas_agree()
@@ -324,29 +397,40 @@ class PretrainTrainer:
         return same
 
     def run_epoch(self) -> None:
+        """The steps of one epoch from ``self.iter`` on (mid-epoch after a resume): the
+        sampler skips the batches already seen."""
         epoch = self.iter // self.iters_per_epoch
         skip = self.iter - epoch * self.iters_per_epoch
-        self.sampler.set_epoch(epoch, start_batch=skip)  # mid-epoch resume: the batches not yet seen
+        self.sampler.set_epoch(epoch, start_batch=skip)
         self.ddp.train()
-        it = iter(self.loader)
-        for h in self.hooks:
-            h.before_epoch()
         t_data = time.perf_counter()
-        for batch in it:
+        for batch in self.loader:
             data_time = time.perf_counter() - t_data
+            self.storage.iter = self.iter
+            self._in_step = True
+            for h in self._hooks:
+                h.before_step()
             self.run_step(batch, data_time)
-            t_data = time.perf_counter()
-            for h in self.hooks:
+            self.epoch_end = (self.iter + 1) % self.iters_per_epoch == 0
+            if self.epoch_end:
+                self.epoch = (self.iter + 1) // self.iters_per_epoch
+                self.check_finite(f"at the end of epoch {self.epoch}")
+            for h in self._hooks:
                 h.after_step()
+            self._in_step, self.epoch_end = False, False
+            self.iter += 1
+            t_data = time.perf_counter()
             if self.iter >= self.max_iter or self.iter % self.iters_per_epoch == 0:
                 break
         self.epoch = self.iter // self.iters_per_epoch
-        if self.iter % self.iters_per_epoch == 0:
-            self.check_finite(f"at the end of epoch {self.epoch}")
-            for h in self.hooks:
-                h.after_epoch()
+
+    def _after_backward(self) -> None:
+        for h in self._hooks:
+            h.after_backward()
 
     def run_step(self, batch: Dict[str, torch.Tensor], data_time: float) -> None:
+        """Step ``self.iter``: LR, (device augmentation), forward, backward, optimizer,
+        EMA. Its outputs stay on the device, in the window that StepMetrics reads."""
         t0 = time.perf_counter()
         self.lr = self.lr_schedule(self.iter)
         for g in self.optimizer.param_groups:
@@ -369,13 +453,13 @@ class PretrainTrainer:
         else:
             self.momentum = self.momentum_schedule(self.iter)
             out = optimization_step(self.forward, self.model, self.optimizer, self.scaler, batch, self.dtype,
-                                    self.device, self.momentum)
+                                    self.device, self.momentum, self._after_backward)
             values = {**{k: v.detach() for k, v in out.items()}, **self.model.metrics}
-        self.iter += 1
-        if self.device.type == "cuda" and (self.iter % self.writer.period == 0):
+        if self.device.type == "cuda" and (self.iter + 1) % max(1, self.cfg.LOG_PERIOD) == 0:
             torch.cuda.synchronize()  # honest step times at the logging interval only
-        self._window.append({"values": values, "time": time.perf_counter() - t0 + data_time,
-                             "data_time": data_time})
+        self._window.append({"iter": self.iter, "values": values, "time": time.perf_counter() - t0 + data_time,
+                             "data_time": data_time, "lr": self.lr, "momentum": self.momentum,
+                             "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images})
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()

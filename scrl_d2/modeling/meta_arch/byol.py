@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...backend import use_detectron2
 from ...config import configurable
 from ..backbone import build_backbone
 from ..heads import MLPHead
@@ -36,12 +35,10 @@ def symmetric_loss(p: torch.Tensor, z: torch.Tensor, weight: Optional[torch.Tens
 
 
 def _event_storage():
-    """Detectron2's current ``EventStorage`` (inside its trainers), else None."""
-    if not use_detectron2():
-        return None
-    from detectron2.utils.events import _CURRENT_STORAGE_STACK
+    """The active ``EventStorage`` (Detectron2's when installed), else None."""
+    from ...utils.events import get_event_storage, has_event_storage
 
-    return _CURRENT_STORAGE_STACK[-1] if _CURRENT_STORAGE_STACK else None
+    return get_event_storage() if has_event_storage() else None
 
 
 @META_ARCH_REGISTRY.register()
@@ -58,6 +55,9 @@ class BYOL(nn.Module):
         self.target_backbone, self.target_projector = target_backbone, target_projector
         self.probe = probe
         self.metrics: Dict[str, torch.Tensor] = {}  # of the last forward (see forward)
+        # Put metrics into the active EventStorage at every forward (one device read each),
+        # as Detectron2 models do. scrl_d2's trainer turns it off: it reads them lazily.
+        self.report_to_storage = True
         self.in_feature = in_feature
         self.channels_last = channels_last
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, -1, 1, 1), False)
@@ -143,7 +143,7 @@ class BYOL(nn.Module):
     @torch.compiler.disable  # a side effect, not part of the compiled graph
     def report(self, metrics: Dict[str, torch.Tensor]) -> None:
         self.metrics = metrics
-        storage = _event_storage()
+        storage = _event_storage() if self.report_to_storage else None
         if storage is not None:
             storage.put_scalars(**{k: float(v) for k, v in metrics.items()})
 
