@@ -1,4 +1,6 @@
 import os
+import shutil
+import time
 
 import numpy as np
 import pytest
@@ -176,3 +178,28 @@ def test_exif_orientation_is_an_option(tmp_path):
     assert (a["view1"].float() - b["view1"].float()).abs().mean() < 8  # same content, up to re-encoding
     plain = PretrainDataset([{"file_name": path}], aug, jpeg_draft=True)[(0, 5)]
     assert (plain["view1"].float() - b["view1"].float()).abs().mean() > 20  # the stored (unturned) pixels
+
+
+def test_dataset_index_is_listed_once_cached_and_relisted_when_the_folder_changes(tmp_path, monkeypatch):
+    from scrl_d2.data import catalog
+    from scrl_d2.data.index import set_index_cache_dir
+
+    root = make_image_folder(str(tmp_path / "imgs"), n=12)
+    calls = []
+    real = catalog.list_images
+    monkeypatch.setattr(catalog, "list_images", lambda r: calls.append(r) or real(r))
+    set_index_cache_dir(str(tmp_path / "out"))
+    try:
+        first = catalog.class_folder_dicts(root)
+        listed = len(calls)
+        assert listed >= 1 and os.listdir(tmp_path / "out" / "dataset_index")
+        again = catalog.class_folder_dicts(root)
+        assert again == first and len(calls) == listed  # read from the cache: no listing
+        cls = sorted(os.listdir(root))[0]
+        time.sleep(0.01)
+        shutil.copy(first[0]["file_name"], os.path.join(root, cls, "extra.jpg"))  # the folder changed
+        third = catalog.class_folder_dicts(root)
+        assert len(calls) > listed and len(third) == len(first) + 1
+        assert os.path.join(root, cls, "extra.jpg") in {d["file_name"] for d in third}
+    finally:
+        set_index_cache_dir(None)

@@ -27,10 +27,12 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+from typing import List
 
 import numpy as np
 import torch
@@ -333,9 +335,57 @@ def flat(row: dict) -> dict:
     return {**keep, **{k: v for k, v in row.items() if k not in ("mode", "settings")}}
 
 
+def _list_classes(root: str) -> int:
+    from scrl_d2.data.catalog import class_folder_dicts
+    from scrl_d2.data.index import set_index_cache_dir
+
+    set_index_cache_dir(None)
+    return len(class_folder_dicts(root))
+
+
+def bench_index(folder: str, num_files: int, procs: int) -> List[dict]:
+    """Dataset-index start-up: one process listing a class-folder tree of ``num_files``
+    (empty) files; ``procs`` processes each listing it at once (before: every process
+    of a job listed); a cached index read (after: the main process lists or reads the
+    cache, the others receive it)."""
+    import multiprocessing as mp
+
+    from scrl_d2.data.catalog import class_folder_dicts
+    from scrl_d2.data.index import set_index_cache_dir
+
+    per_class = 128
+    classes = max(1, num_files // per_class)
+    if not os.path.isdir(os.path.join(folder, f"c{classes - 1:04d}")):
+        for c in range(classes):
+            d = os.path.join(folder, f"c{c:04d}")
+            os.makedirs(d, exist_ok=True)
+            for i in range(per_class):
+                open(os.path.join(d, f"img_{c:04d}_{i:05d}.JPEG"), "w").close()
+    n = classes * per_class
+    t = time.perf_counter()
+    _list_classes(folder)
+    one = time.perf_counter() - t
+    t = time.perf_counter()
+    with mp.get_context("spawn").Pool(procs) as pool:
+        pool.map(_list_classes, [folder] * procs)
+    every = time.perf_counter() - t
+    cache = tempfile.mkdtemp(prefix="scrl_index_")
+    set_index_cache_dir(cache)
+    t = time.perf_counter()
+    class_folder_dicts(folder)  # lists and writes the cache
+    write = time.perf_counter() - t
+    t = time.perf_counter()
+    assert len(class_folder_dicts(folder)) == n  # reads it
+    read = time.perf_counter() - t
+    set_index_cache_dir(None)
+    shutil.rmtree(cache)
+    return [{"mode": "index", "files": n, "classes": classes, "one_process_lists_s": one,
+             f"{procs}_processes_list_s": every, "list_and_cache_s": write, "cached_read_s": read}]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["train", "model", "data", "boxes", "parity"])
+    p.add_argument("mode", choices=["train", "model", "data", "boxes", "parity", "index"])
     p.add_argument("--config-file", default="configs/scrl_pretrain.yaml")
     p.add_argument("--archs", nargs="+", default=None, help="meta-architectures (default: the config's)")
     p.add_argument("--batch", type=int, default=0, help="images per step (default: SOLVER.IMS_PER_GPU)")
@@ -353,6 +403,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", choices=sorted(PARITY_VARIANTS), default=None,
                    help="parity mode: options to compare with the plain path (default: all; "
                         "without a GPU all but fp16 and compile)")
+    p.add_argument("--index-files", type=int, default=128000, help="index mode: files in the generated tree")
+    p.add_argument("--index-procs", type=int, default=8, help="index mode: processes listing at once (before)")
     p.add_argument("--json", default="", help="write the headline row and all rows to this file")
     p.add_argument("opts", nargs="*", help="config overrides, KEY VALUE")
     args = p.parse_intermixed_args()
@@ -378,6 +430,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         base.merge_from_list(["MODEL.DEVICE", "cpu"])
     rows = []
+    if args.mode == "index":
+        folder = os.path.join(args.cache_dir or tempfile.gettempdir(), f"scrl_bench_tree_{args.index_files}")
+        print(f"class-folder tree: {folder} ({args.index_files} empty files, written once and reused)", flush=True)
+        rows = bench_index(folder, args.index_files, args.index_procs)
+        archs = []
     for arch in archs:
         cfg = base.clone()
         cfg.merge_from_list(["MODEL.META_ARCHITECTURE", arch])

@@ -138,6 +138,10 @@ _C.DATASETS.TEST = ()
 # Root of the standard layouts (imagenet/, coco/); empty: $SCRL_DATASETS, then
 # $DETECTRON2_DATASETS, then ./datasets.
 _C.DATASETS.ROOT = ""
+# The folder listing (dataset index) is made once per job by the main process and
+# cached in OUTPUT_DIR/dataset_index/ (reused while the folders' modification times
+# hold); False: no cache file (the main process still lists alone).
+_C.DATASETS.INDEX_CACHE = True
 
 _C.DATALOADER = CN()
 _C.DATALOADER.NUM_WORKERS = 8

@@ -10,6 +10,8 @@ import os
 from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional
 
+from .index import shared_index
+
 __all__ = [
     "DatasetCatalog", "MetadataCatalog", "IMAGE_EXTENSIONS", "get_datasets_root",
     "set_datasets_root", "list_images", "class_folder_dicts", "image_folder_dicts",
@@ -94,22 +96,32 @@ def list_images(root: str) -> List[str]:
 def image_folder_dicts(root: str, name: Optional[str] = None) -> List[dict]:
     name = name or root
     _require_dir(root, name)
-    files = list_images(root)
+
+    def build() -> dict:
+        return {"files": [os.path.relpath(f, root) for f in list_images(root)]}
+
+    files = shared_index(root, "images", build)["files"]
     if not files:
         raise FileNotFoundError(f"dataset {name!r}: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     MetadataCatalog.get(name).num_classes = 0
-    return [{"file_name": f, "label": -1} for f in files]
+    return [{"file_name": os.path.join(root, f), "label": -1} for f in files]
 
 
 def class_folder_dicts(root: str, name: Optional[str] = None) -> List[dict]:
     name = name or root
     _require_dir(root, name)
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+    def build() -> dict:
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        return {"classes": classes,
+                "files": [[os.path.relpath(f, root) for f in list_images(os.path.join(root, c))] for c in classes]}
+
+    index = shared_index(root, "classes", build)  # listed once per job (and cached), not by every process
+    classes = index["classes"]
     if not classes:
         raise FileNotFoundError(f"dataset {name!r}: no class sub-folders under {root}")
-    dicts = []
-    for label, c in enumerate(classes):
-        dicts.extend({"file_name": f, "label": label} for f in list_images(os.path.join(root, c)))
+    dicts = [{"file_name": os.path.join(root, f), "label": label}
+             for label, files in enumerate(index["files"]) for f in files]
     if not dicts:
         raise FileNotFoundError(f"dataset {name!r}: no images in the class folders under {root}")
     meta = MetadataCatalog.get(name)
