@@ -21,5 +21,7 @@ setup(
         "tensorboard",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=7"], "coco": ["pycocotools>=2.0.6"]},
+    extras_require={"test": ["pytest>=7"], "coco": ["pycocotools>=2.0.6"],
+                    # tools/submit_slurm.py (SLURM submission, preemption and requeue)
+                    "slurm": ["submitit>=1.5"]},
 )

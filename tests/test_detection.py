@@ -232,3 +232,38 @@ def test_coco_dataset_root_by_each_documented_mechanism(tmp_path, monkeypatch, m
                 assert MetadataCatalog.get("coco_2017_val").json_file == json_file
     finally:
         set_datasets_root("")
+
+
+@pytest.mark.parametrize("backend", ["torchvision", pytest.param("detectron2", marks=needs_d2)])
+def test_sigterm_during_finetuning_checkpoints_and_the_rerun_resumes(tmp_path, datasets_env, r18_weights, backend):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, **datasets_env, "SCRL_D2_BACKEND": backend}
+    out = str(tmp_path / "ft")
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", DEMO, "OUTPUT_DIR", out,
+           "MODEL.WEIGHTS", r18_weights, "SOLVER.MAX_ITER", "40", "LOG_PERIOD", "1", *FAST]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        t = time.time()
+        while time.time() - t < 300 and p.poll() is None:
+            lines = open(os.path.join(out, "metrics.json")).read() if os.path.exists(
+                os.path.join(out, "metrics.json")) else ""
+            if lines.count('"iteration"') >= 2:
+                break
+            time.sleep(0.2)
+        p.send_signal(signal.SIGTERM)
+        so, se = p.communicate(timeout=300)
+    finally:
+        p.kill()
+    assert p.returncode == 75, se[-3000:]
+    assert "interrupted by SIGTERM after iteration" in se
+    saved = [f for f in os.listdir(out) if f.startswith("model_0") and f.endswith(".pth")]
+    assert saved and "model_final.pth" not in os.listdir(out)
+    stopped = max(int(f[6:13]) for f in saved)
+    r = run_cli("--config-file", DEMO, "--resume", "OUTPUT_DIR", out, "MODEL.WEIGHTS", r18_weights,
+                "SOLVER.MAX_ITER", str(stopped + 3), *FAST, env_extra={**datasets_env, "SCRL_D2_BACKEND": backend})
+    assert f"iteration {stopped + 1}" in r.stdout + r.stderr
+    assert os.path.exists(os.path.join(out, "model_final.pth"))

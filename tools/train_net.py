@@ -12,6 +12,7 @@ R-CNN); SCRL / BYOL configs pretrain.
 """
 import logging
 import sys
+from datetime import timedelta
 
 from torch.multiprocessing import ProcessExitedException
 
@@ -94,7 +95,7 @@ def cli(argv=None) -> None:
         sys.exit(EXIT_BAD_INPUT)
     try:
         launch(run_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(main, args))
+               dist_url=args.dist_url, args=(main, args), timeout=timedelta(seconds=args.dist_timeout))
     except ProcessExitedException as e:  # a process ended with its own message and status
         sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else EXIT_FAILED)
 

@@ -1,5 +1,6 @@
 """Data loaders built from a config: the seam between datasets and the engine."""
 import logging
+import signal
 from typing import List, Tuple
 
 import torch
@@ -46,6 +47,12 @@ def augment_on_device(cfg) -> bool:
 def _worker_init(_: int) -> None:
     # One intra-op thread per worker: parallelism comes from the workers themselves.
     torch.set_num_threads(1)
+    # SLURM sends its checkpoint signal (SIGUSR1 / SIGUSR2) to every process of a task:
+    # loader workers leave it to the trainer, which stops after its step (a worker that
+    # died of it would end the run before the checkpoint). SIGTERM keeps its default:
+    # it is how multiprocessing and the DataLoader end workers.
+    for s in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _loader_kwargs(cfg) -> dict:

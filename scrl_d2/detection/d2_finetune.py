@@ -1,13 +1,15 @@
 """Fine-tuning and evaluation with Detectron2's own trainer and COCOEvaluator."""
 import logging
 import os
+import signal
 from typing import Dict
 
 import torch
 
 from ..checkpoint import atomic_write
-from .coco_eval import results_json
+from ..engine.preemption import StopSignals, TrainingInterrupted
 from ..utils import comm
+from .coco_eval import results_json
 
 __all__ = ["run_detectron2"]
 
@@ -31,7 +33,33 @@ def _trainer_class():
             for h in ret:
                 if isinstance(h, hooks.PeriodicWriter):
                     h._period = self.cfg.LOG_PERIOD
+            writers = [i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)]
+            ret.insert(writers[0] if writers else len(ret), StopOnSignal())
             return ret
+
+    class StopOnSignal(hooks.HookBase):
+        """Preemption for Detectron2's trainer: on SIGTERM / SIGUSR1 / SIGUSR2, the
+        step ends, ``model_{iter:07d}.pth`` is written (Detectron2's resume continues
+        after it) and the run stops (exit status 75)."""
+
+        def before_train(self):
+            self._stop = StopSignals().__enter__()
+
+        def after_train(self):
+            self._stop.__exit__()
+
+        def after_step(self):
+            signum = self._stop.requested()
+            if signum:
+                t = self.trainer
+                name = f"model_{t.iter:07d}"
+                t.checkpointer.save(name, iteration=t.iter)
+                comm.synchronize()
+                msg = (f"interrupted by {signal.Signals(signum).name} after iteration {t.iter}; wrote "
+                       f"{os.path.join(t.cfg.OUTPUT_DIR, name + '.pth')}: rerun the same command to resume")
+                logger.warning(msg)
+                self._stop.pass_on()
+                raise TrainingInterrupted(msg, signum)
 
     return Trainer
 

@@ -5,6 +5,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import time
 from typing import Dict, Iterator
 
@@ -12,6 +13,7 @@ import torch
 
 from ..checkpoint import Checkpointer, atomic_write
 from ..engine.ddp import create_ddp_model
+from ..engine.preemption import StopSignals, TrainingInterrupted
 from ..engine.defaults import TrainingDiverged, resolve_device
 from ..engine.trainer import amp_dtype
 from ..utils import comm
@@ -123,8 +125,17 @@ class TorchvisionDetectionTrainer:
         metrics_path = os.path.join(cfg.OUTPUT_DIR, "metrics.json")
         log = open(metrics_path, "a") if comm.is_main_process() else None
         logger.info(f"starting training from iteration {self.start_iter} to {max_iter}")
-        results: Dict = {}
         window, t0 = [], time.perf_counter()
+        with StopSignals() as stop:
+            self._train_steps(data, log, stop, max_iter, window, t0)
+        self.checkpointer.save("model_final", iteration=max_iter - 1)
+        results = self.evaluate(tag="final")
+        if log:
+            log.close()
+        return results
+
+    def _train_steps(self, data, log, stop: StopSignals, max_iter: int, window, t0) -> None:
+        cfg = self.cfg
         for it in range(self.start_iter, max_iter):
             lr = lr_at(cfg, it)
             for g in self.optimizer.param_groups:
@@ -158,12 +169,19 @@ class TorchvisionDetectionTrainer:
             if done % cfg.SOLVER.CHECKPOINT_PERIOD == 0 and done != max_iter:
                 self.checkpointer.save(f"model_{done - 1:07d}", iteration=it)
             if cfg.TEST.EVAL_PERIOD > 0 and done % cfg.TEST.EVAL_PERIOD == 0 and done != max_iter:
-                results = self.evaluate(tag=f"iter{done}")
-        self.checkpointer.save("model_final", iteration=max_iter - 1)
-        results = self.evaluate(tag="final")
-        if log:
-            log.close()
-        return results
+                self.evaluate(tag=f"iter{done}")
+            signum = stop.requested()
+            if signum:  # preemption: a checkpoint after this step, then stop (exit status 75)
+                path = self.checkpointer.save(f"model_{it:07d}", iteration=it)
+                comm.synchronize()
+                msg = (f"interrupted by {signal.Signals(signum).name} after iteration {it}; wrote "
+                       f"{path or os.path.join(cfg.OUTPUT_DIR, f'model_{it:07d}.pth')}: rerun the same command "
+                       "to resume")
+                logger.warning(msg)
+                if log:
+                    log.close()
+                stop.pass_on()
+                raise TrainingInterrupted(msg, signum)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

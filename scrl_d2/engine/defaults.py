@@ -16,9 +16,11 @@ from ..utils import comm
 from ..utils.logger import setup_logger
 
 __all__ = ["default_argument_parser", "default_setup", "resolve_output_dir", "seed_all_rng", "resolve_device",
-           "run_main", "TrainingDiverged", "EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_FAILED"]
+           "run_main", "TrainingDiverged", "EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_FAILED", "EXIT_PEER_LOST",
+           "EXIT_INTERRUPTED"]
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED = 1, 2, 3
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PEER_LOST = 1, 2, 3, 4
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on a signal with a checkpoint; rerun to resume
 
 
 class TrainingDiverged(FloatingPointError):
@@ -35,12 +37,47 @@ def _positive_int(text: str) -> int:
     return value
 
 
+_PEER_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Connection refused", "timed out",
+                 "Timed out", "/gloo/", "NCCL", "Broken pipe")
+
+
+def peer_lost(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because another process of the run died
+    or stopped answering (gloo / NCCL errors and timeouts)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and comm.get_world_size() > 1):
+        return False
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in _PEER_MARKERS)
+
+
+def _dist_timeout_s() -> float:
+    return float(os.environ.get("SCRL_D2_DIST_TIMEOUT", 600))
+
+
+def _message(e: BaseException) -> str:
+    if peer_lost(e):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return (f"lost contact with another process of this run: {first[:300]} -- it died or stopped answering "
+                f"(--dist-timeout {_dist_timeout_s():g}s bounds the wait). Files already written are intact; rerun "
+                "the command (or let torchrun / SLURM restart it) to resume from the newest checkpoint")
+    return e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+
+
 def _exit_code(e: BaseException) -> Optional[int]:
     """The status of a known failure: 2 bad input (config, paths, files, names), 3
-    divergence, 1 an unwritable checkpoint; None for anything else."""
+    divergence, 4 a lost peer process, 75 stopped on a signal with a checkpoint, 1 an
+    unwritable checkpoint; None for anything else."""
     from ..checkpoint import CheckpointWriteError
     from ..config import ConfigError
+    from .preemption import TrainingInterrupted
 
+    if isinstance(e, TrainingInterrupted):
+        return EXIT_INTERRUPTED
+    if peer_lost(e):
+        return EXIT_PEER_LOST
     if isinstance(e, TrainingDiverged):
         return EXIT_DIVERGED
     if isinstance(e, CheckpointWriteError):
@@ -74,9 +111,11 @@ def run_main(main_func, *args) -> None:
         code = _exit_code(e)
         if code is None or os.environ.get("SCRL_D2_DEBUG"):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         rank = f"[rank {comm.get_rank()}] " if comm.get_world_size() > 1 else ""
-        print(f"{rank}error: {msg}", file=sys.stderr, flush=True)
+        kind = "stopped" if code == EXIT_INTERRUPTED else "error"
+        print(f"{rank}{kind}: {_message(e)}", file=sys.stderr, flush=True)
+        if code in (EXIT_INTERRUPTED, EXIT_PEER_LOST):
+            logging.getLogger("scrl_d2").info(f"{kind}: {_message(e)}")
         sys.exit(code)
 
 
@@ -110,6 +149,9 @@ Two machines:
     parser.add_argument("--dist-url", default="auto",
                         help="initialisation URL, tcp://HOST:PORT of the main machine; 'auto' picks a free port "
                              "there and prints the address the other machines need")
+    parser.add_argument("--dist-timeout", type=float, default=_dist_timeout_s(), metavar="SECONDS",
+                        help="how long a process waits in a collective for a peer that died or hangs before it "
+                             "stops with a message (default 600; $SCRL_D2_DIST_TIMEOUT)")
     parser.add_argument("opts", default=None, nargs=argparse.REMAINDER,
                         help="config overrides as KEY VALUE pairs, e.g. SOLVER.BASE_LR 0.2")
     return parser
@@ -222,5 +264,9 @@ def default_setup(cfg, args) -> None:
         logger.info(f"resuming run {cfg.LOAD_DIR or cfg.OUTPUT_DIR} with its seed {cfg.SEED}")
     if comm.is_main_process():
         _save_config(cfg, logger)
+    from ..data.index import set_index_cache_dir
+
+    # the dataset index is listed once per job, cached in OUTPUT_DIR/dataset_index/
+    set_index_cache_dir(cfg.OUTPUT_DIR if cfg.DATASETS.get("INDEX_CACHE", True) else None)
     seed_all_rng(cfg.SEED + rank)
     torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK

@@ -28,6 +28,7 @@ from ..utils import comm
 from .ddp import create_ddp_model
 from .defaults import TrainingDiverged, resolve_device
 from ..utils.events import EventStorage
+from .preemption import StopSignals, TrainingInterrupted
 from .hooks import (
     EpochCheckpointer,
     EventWriters,
@@ -167,6 +168,7 @@ class PretrainTrainer:
         self.epoch = 0
         self.epoch_end = False  # whether the step just run was the last of an epoch
         self._in_step = False
+        self._stop: Optional[StopSignals] = None
         self.lr = self.momentum = 0.0
         self.skipped_steps = 0
         self.skipped_images = 0
@@ -361,7 +363,7 @@ class PretrainTrainer:
         max_iter``."""
         logger.info(f"training {self.max_iter} iterations ({self.iters_per_epoch}/epoch, {self.max_epoch} epochs) "
                     f"from iteration {self.iter}; global batch {self.global_batch}; output {self.cfg.OUTPUT_DIR}")
-        with EventStorage(self.start_iter) as self.storage:
+        with EventStorage(self.start_iter) as self.storage, StopSignals() as self._stop:
             try:
                 for h in self._hooks:
                     h.before_train()
@@ -417,12 +419,30 @@ class PretrainTrainer:
                 self.check_finite(f"at the end of epoch {self.epoch}")
             for h in self._hooks:
                 h.after_step()
+            signum = self._stop.requested()  # every process the same answer
+            if signum:
+                self._interrupt(signum)
             self._in_step, self.epoch_end = False, False
             self.iter += 1
             t_data = time.perf_counter()
             if self.iter >= self.max_iter or self.iter % self.iters_per_epoch == 0:
                 break
         self.epoch = self.iter // self.iters_per_epoch
+
+    def _interrupt(self, signum: int) -> None:
+        """Preemption: a complete checkpoint of the state after this step, then stop
+        (submitit's handler, if any, requeues the job)."""
+        import signal as _signal
+
+        done = self.iter + 1
+        name = f"checkpoint_{done // self.iters_per_epoch}_iter{done}"
+        self.save_checkpoint(name)
+        path = os.path.join(self.cfg.OUTPUT_DIR, f"{name}.pth")
+        msg = (f"interrupted by {_signal.Signals(signum).name} after iteration {self.iter} (epoch "
+               f"{done / self.iters_per_epoch:.2f}); wrote {path}: rerun the same command to resume")
+        logger.warning(msg)
+        self._stop.pass_on()  # submitit: requeue the job and exit
+        raise TrainingInterrupted(msg, signum)
 
     def _after_backward(self) -> None:
         for h in self._hooks:

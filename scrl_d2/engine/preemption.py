@@ -1,0 +1,75 @@
+"""Preemption: a signal asks the run to stop; it stops at the next step boundary.
+
+Schedulers warn before they kill: SLURM sends SIGTERM (and, through submitit, SIGUSR2
+before the time limit), torchrun and Kubernetes SIGTERM, some clusters SIGUSR1. The
+handler only records the signal; the trainer checks it after each step (every process
+agrees through one small all-reduce, so all stop at the same step), writes a complete
+checkpoint and raises :class:`TrainingInterrupted` (exit status 75, "temporary failure:
+rerun"). Under submitit, its own handler then runs too, and requeues the job.
+"""
+import logging
+import signal
+import threading
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..utils import comm
+
+__all__ = ["TrainingInterrupted", "StopSignals", "STOP_SIGNALS"]
+
+logger = logging.getLogger("scrl_d2.engine")
+
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, n))
+
+
+class TrainingInterrupted(RuntimeError):
+    """The run stopped on a signal after writing a complete checkpoint: rerun to resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """Records SIGTERM / SIGUSR1 / SIGUSR2 while installed (main thread only; elsewhere a
+    no-op). ``requested()`` says, identically on every process, whether any process got one."""
+
+    def __init__(self, signals=STOP_SIGNALS):
+        self.signals = signals
+        self.signum: Optional[int] = None
+        self._previous: Dict[int, Callable] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            logger.warning(f"received {signal.Signals(signum).name}: stopping after the current step, with a "
+                           "checkpoint")
+        self.signum = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+
+    def requested(self) -> Optional[int]:
+        """The signal any process received (None: none). A collective when distributed."""
+        mine = self.signum or 0
+        if comm.get_world_size() > 1:
+            t = torch.tensor([mine], dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=comm._cpu_group())
+            mine = int(t.item())
+        return mine or None
+
+    def pass_on(self) -> None:
+        """Call the handler that was installed before ours for the signal received (e.g.
+        submitit's, which requeues the job and exits) once the checkpoint is written."""
+        prev = self._previous.get(self.signum) if self.signum else None
+        if callable(prev):
+            prev(self.signum, None)

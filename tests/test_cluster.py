@@ -1,0 +1,232 @@
+"""Where the paper ran: torchrun (elastic restarts included), several machines, SLURM
+through submitit, preemption signals, a peer that dies or hangs. CPU, gloo, loopback;
+every process is cleaned up."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_opts
+from test_engine import assert_same_weights, model_state
+
+TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
+SUBMIT = os.path.join(ROOT, "tools", "submit_slurm.py")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+# One intra-op thread everywhere (torchrun's default for its workers), so that runs
+# started by different launchers do the same arithmetic.
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def _opts(image_folder, out, *extra):
+    # 2 processes x 4 images, a loader worker each: 6 iterations per epoch, 2 epochs
+    return [*tiny_opts(f"classes:{image_folder}", out), "SOLVER.IMS_PER_GPU", "4", "DATALOADER.NUM_WORKERS", "1",
+            *extra]
+
+
+def _start(cmd, **kw):
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=kw.pop("env", ENV),
+                            start_new_session=True, **kw)
+
+
+def _finish(p, timeout=300):
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # whatever is left of its session
+        except ProcessLookupError:
+            pass
+    return p.returncode, out, err
+
+
+def _run(cmd, timeout=300):
+    return _finish(_start(cmd), timeout)
+
+
+def _wait_for(pred, timeout=120, what=""):
+    t = time.time()
+    while time.time() - t < timeout:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _log_has(out, text):
+    def pred():
+        try:
+            return text in open(os.path.join(out, "log.txt")).read()
+        except OSError:
+            return False
+    return pred
+
+
+def _procs(env_key, env_value=None, cmd_has=""):
+    """pids whose environment has ``env_key`` (= ``env_value``) and command line ``cmd_has``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        want = f"{env_key}={env_value}".encode() if env_value is not None else None
+        if (want in env if want else any(e.startswith(env_key.encode() + b"=") for e in env)) and cmd_has in cmd:
+            found.append(int(pid))
+    return found
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, image_folder):
+    """An uninterrupted 2-process run through train_net's own launcher."""
+    out = str(tmp_path_factory.mktemp("cluster") / "reference")
+    rc, so, se = _run([sys.executable, TRAIN_NET, "--num-gpus", "2", *_opts(image_folder, out)])
+    assert rc == 0, se[-3000:]
+    return model_state(os.path.join(out, "checkpoint_2.pth"))
+
+
+def test_torchrun_workers_agree_and_equal_the_launcher(tmp_path, image_folder, reference):
+    out = str(tmp_path / "torchrun")
+    rc, so, se = _run([*TORCHRUN, "--nproc-per-node", "2", TRAIN_NET, *_opts(image_folder, out)])
+    assert rc == 0, se[-3000:]
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "2 processes started by torchrun" in so + se and "weights identical on all 2 processes" in log
+    assert "starting 2 processes" not in so + se  # it spawned nothing of its own
+    # the dataset index: listed by the main process only, the other received it
+    assert "indexed " in log and "indexed " not in open(os.path.join(out, "log.txt.rank1")).read()
+    assert_same_weights(reference, model_state(os.path.join(out, "checkpoint_2.pth")), atol=0)
+
+
+def test_torchrun_restarts_a_killed_worker_and_ends_as_an_uninterrupted_run(tmp_path, image_folder, reference):
+    out = str(tmp_path / "elastic")
+    p = _start([*TORCHRUN, "--nproc-per-node", "2", "--max-restarts", "1", TRAIN_NET,
+                *_opts(image_folder, out, "SOLVER.CHECKPOINT_PERIOD", "2")])
+    try:
+        _wait_for(lambda: os.path.exists(os.path.join(out, "model_0000003.pth")), what="model_0000003.pth")
+        victims = _procs("RANK", "1", cmd_has=out)
+        assert victims
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        rc, so, se = _finish(p)
+    assert rc == 0, se[-3000:]
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "lost contact with another process" in log  # the survivor said why it stopped
+    assert "resumed at epoch 0, iteration 4" in log or "resumed at epoch 0, iteration 5" in log, log[-2000:]
+    assert_same_weights(reference, model_state(os.path.join(out, "checkpoint_2.pth")), atol=0)
+
+
+def test_sigterm_mid_epoch_writes_a_checkpoint_and_the_rerun_resumes(tmp_path, image_folder, reference):
+    out = str(tmp_path / "preempted")
+    cmd = [sys.executable, TRAIN_NET, "--num-gpus", "2", *_opts(image_folder, out)]
+    p = _start(cmd)
+    try:
+        _wait_for(_log_has(out, "epoch 0.50"), what="iteration 3")
+        p.send_signal(signal.SIGTERM)  # to the launcher: it passes it on to its workers
+    finally:
+        rc, so, se = _finish(p)
+    assert rc == 75, se[-3000:]
+    assert "stopped: interrupted by SIGTERM after iteration" in se and "rerun the same command to resume" in se
+    ck = [f for f in os.listdir(out) if f.startswith("checkpoint_0_iter")]
+    assert len(ck) == 1 and os.readlink(os.path.join(out, "checkpoint_last.pth")) == ck[0]
+    stopped_at = torch.load(os.path.join(out, ck[0]), weights_only=False)["trainer"]["iter"]
+    rc, so, se = _run(cmd)
+    assert rc == 0, se[-3000:]
+    assert f"resumed at epoch 0, iteration {stopped_at}" in so + se
+    assert_same_weights(reference, model_state(os.path.join(out, "checkpoint_2.pth")), atol=0)
+
+
+def _two_machines(image_folder, out, port, timeout_s):
+    return [_start([sys.executable, TRAIN_NET, "--num-machines", "2", "--machine-rank", str(r), "--dist-url",
+                    f"tcp://127.0.0.1:{port}", "--dist-timeout", str(timeout_s), *_opts(image_folder, out)])
+            for r in (0, 1)]
+
+
+def test_two_machines_on_loopback_train_and_agree(tmp_path, image_folder, reference):
+    from scrl_d2.engine.launch import find_free_port
+
+    out = str(tmp_path / "machines")
+    procs = _two_machines(image_folder, out, find_free_port(), 60)
+    results = [_finish(p) for p in procs]
+    assert all(rc == 0 for rc, _, _ in results), [r[2][-2000:] for r in results]
+    assert "weights identical on all 2 processes" in open(os.path.join(out, "log.txt")).read()
+    assert_same_weights(reference, model_state(os.path.join(out, "checkpoint_2.pth")), atol=0)
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_a_peer_that_dies_or_hangs_stops_the_survivor_within_the_timeout(tmp_path, image_folder, how):
+    from scrl_d2.engine.launch import find_free_port
+
+    out, timeout_s = str(tmp_path / "peer"), 10
+    main, other = _two_machines(image_folder, out, find_free_port(), timeout_s)
+    try:
+        _wait_for(_log_has(out, "epoch 0.50"), what="iteration 3")
+        before = set(os.listdir(out))
+        os.killpg(other.pid, getattr(signal, how))  # the other "machine": killed, or frozen
+        t0 = time.time()
+        rc, so, se = _finish(main, timeout=timeout_s + 60)
+        elapsed = time.time() - t0
+    finally:
+        for p in (main, other):
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        other.communicate()
+    assert rc == 4, se[-3000:]
+    assert "lost contact with another process of this run" in se and f"--dist-timeout {timeout_s}s" in se
+    assert elapsed < timeout_s + 30, elapsed
+    # nothing written before was damaged; no temporary file left behind
+    for f in before & {f for f in os.listdir(out) if f.endswith(".pth")}:
+        torch.load(os.path.join(out, f), weights_only=False)
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_submit_slurm_dry_run_prints_the_sbatch_script_and_the_command(tmp_path):
+    pytest.importorskip("submitit")
+    rc, so, se = _run([sys.executable, SUBMIT, "--config-file", os.path.join(ROOT, "configs", "scrl_pretrain.yaml"),
+                       "--nodes", "4", "--gpus-per-node", "8", "--partition", "learnlab", "--account", "vision",
+                       "--time", "600", "--dry-run", "OUTPUT_DIR", str(tmp_path / "run")])
+    assert rc == 0, se
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=learnlab", "#SBATCH --account=vision", "#SBATCH --time=600",
+                 "#SBATCH --signal=USR2@120"):
+        assert line in so, so
+    assert f"train_net.py --config-file {os.path.join(ROOT, 'configs', 'scrl_pretrain.yaml')} OUTPUT_DIR " \
+           f"{tmp_path / 'run'}" in so
+    assert not os.path.exists(tmp_path / "run")  # nothing submitted, nothing written
+
+
+def test_submit_slurm_without_submitit_says_how_to_install_it(tmp_path):
+    fake = tmp_path / "nosubmitit" / "submitit"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('not installed')\n")
+    env = dict(ENV, PYTHONPATH=f"{fake.parent}{os.pathsep}{ENV.get('PYTHONPATH', '')}")
+    p = _start([sys.executable, SUBMIT, "--dry-run", "OUTPUT_DIR", str(tmp_path / "run")], env=env)
+    rc, so, se = _finish(p)
+    assert rc == 2 and "pip install submitit" in se and len(se.strip().splitlines()) == 1, se
+
+
+def test_submitit_job_is_preempted_requeued_and_resumes(tmp_path, image_folder, reference):
+    pytest.importorskip("submitit")
+    out = str(tmp_path / "slurm")
+    p = _start([sys.executable, SUBMIT, "--cluster", "local", "--nodes", "1", "--gpus-per-node", "2", "--time", "30",
+                *_opts(image_folder, out)])
+    try:
+        _wait_for(_log_has(out, "epoch 0.50"), what="iteration 3")
+        tasks = _procs("SUBMITIT_LOCAL_GLOBALID", cmd_has="submitit")  # 2 tasks and their loader workers
+        assert len(tasks) >= 2
+        for pid in tasks:  # what SLURM does before a time limit: the signal to every process of the tasks
+            os.kill(pid, signal.SIGUSR2)
+    finally:
+        rc, so, se = _finish(p, timeout=400)
+    assert rc == 0, so[-2000:] + se[-3000:]
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "interrupted by SIGUSR2 after iteration" in log and "resumed at epoch 0, iteration" in log
+    assert os.path.isdir(os.path.join(out, "slurm")) and "command:" in open(
+        os.path.join(out, "slurm", "submitted.txt")).read()
+    assert_same_weights(reference, model_state(os.path.join(out, "checkpoint_2.pth")), atol=0)
