@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_opts
+from test_detection import DEMO, FAST, datasets_env, r18_weights  # noqa: F401  (fixtures)
 from test_engine import assert_same_weights, model_state
 
 TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
@@ -230,3 +231,27 @@ def test_submitit_job_is_preempted_requeued_and_resumes(tmp_path, image_folder, 
     assert os.path.isdir(os.path.join(out, "slurm")) and "command:" in open(
         os.path.join(out, "slurm", "submitted.txt")).read()
     assert_same_weights(reference, model_state(os.path.join(out, "checkpoint_2.pth")), atol=0)
+
+
+def test_torchrun_runs_detection_finetuning_and_linear_evaluation(tmp_path, image_folder, datasets_env,
+                                                                 r18_weights):
+    # the torchvision path: Detectron2's DefaultTrainer builds DDP with device_ids, which
+    # several CPU processes cannot use (on GPUs it runs under torchrun the same way)
+    env = dict(ENV, **datasets_env, SCRL_D2_BACKEND="torchvision")
+    out = str(tmp_path / "det")
+    p = _start([*TORCHRUN, "--nproc-per-node", "2", TRAIN_NET, "--config-file", DEMO, "OUTPUT_DIR", out,
+                "MODEL.WEIGHTS", r18_weights, "SOLVER.MAX_ITER", "2", *FAST], env=env)
+    rc, so, se = _finish(p)
+    assert rc == 0, se[-3000:]
+    assert "2 processes started by torchrun" in so + se and "rank 0 of 2" in so + se
+    assert os.path.exists(os.path.join(out, "model_final.pth")) and os.path.exists(os.path.join(out, "results.json"))
+    # the release's linear evaluation of a checkpoint, on 2 torchrun workers
+    lin = str(tmp_path / "lin")
+    rc, so, se = _run([*TORCHRUN, "--nproc-per-node", "2", TRAIN_NET, "--eval-only",
+                       *_opts(image_folder, lin, "MODEL.WEIGHTS", os.path.join(os.path.dirname(r18_weights),
+                                                                              "pretrain.pth"),
+                              "LINEAR_EVAL.ENABLED", "True",
+                              "LINEAR_EVAL.EPOCHS", "1", "LINEAR_EVAL.WARMUP_EPOCHS", "0", "LINEAR_EVAL.IMS_PER_GPU", "8",
+                              "DATASETS.TEST", f"('classes:{image_folder}',)")])
+    assert rc == 0, se[-3000:]
+    assert "[Final result (linear eval.)]" in open(os.path.join(lin, "log.txt")).read()
