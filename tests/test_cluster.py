@@ -255,3 +255,16 @@ def test_torchrun_runs_detection_finetuning_and_linear_evaluation(tmp_path, imag
                               "DATASETS.TEST", f"('classes:{image_folder}',)")])
     assert rc == 0, se[-3000:]
     assert "[Final result (linear eval.)]" in open(os.path.join(lin, "log.txt")).read()
+
+
+def test_torchrun_on_two_machines_with_c10d_rendezvous(tmp_path, image_folder, reference):
+    from scrl_d2.engine.launch import find_free_port
+
+    out, port = str(tmp_path / "c10d"), find_free_port()
+    procs = [_start([*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                     "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "scrl-test", TRAIN_NET,
+                     *_opts(image_folder, out)]) for _ in range(2)]
+    results = [_finish(p) for p in procs]
+    assert all(rc == 0 for rc, _, _ in results), [r[2][-2000:] for r in results]
+    assert "2 processes started by torchrun, 1 per machine" in "".join(r[1] + r[2] for r in results)
+    assert_same_weights(reference, model_state(os.path.join(out, "checkpoint_2.pth")), atol=0)
