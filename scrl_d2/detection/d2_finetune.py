@@ -1,13 +1,12 @@
 """Fine-tuning and evaluation with Detectron2's own trainer and COCOEvaluator."""
 import logging
 import os
-import signal
 from typing import Dict
 
 import torch
 
 from ..checkpoint import atomic_write
-from ..engine.preemption import StopSignals, TrainingInterrupted
+from ..engine.preemption import StopSignals
 from ..utils import comm
 from .coco_eval import results_json
 
@@ -55,11 +54,7 @@ def _trainer_class():
                 name = f"model_{t.iter:07d}"
                 t.checkpointer.save(name, iteration=t.iter)
                 comm.synchronize()
-                msg = (f"interrupted by {signal.Signals(signum).name} after iteration {t.iter}; wrote "
-                       f"{os.path.join(t.cfg.OUTPUT_DIR, name + '.pth')}: rerun the same command to resume")
-                logger.warning(msg)
-                self._stop.pass_on()
-                raise TrainingInterrupted(msg, signum)
+                self._stop.stop(signum, f"iteration {t.iter}", os.path.join(t.cfg.OUTPUT_DIR, name + ".pth"))
 
     return Trainer
 

@@ -5,7 +5,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import time
 from typing import Dict, Iterator
 
@@ -13,7 +12,7 @@ import torch
 
 from ..checkpoint import Checkpointer, atomic_write
 from ..engine.ddp import create_ddp_model
-from ..engine.preemption import StopSignals, TrainingInterrupted
+from ..engine.preemption import StopSignals
 from ..engine.defaults import TrainingDiverged, resolve_device
 from ..engine.trainer import amp_dtype
 from ..utils import comm
@@ -172,16 +171,12 @@ class TorchvisionDetectionTrainer:
                 self.evaluate(tag=f"iter{done}")
             signum = stop.requested()
             if signum:  # preemption: a checkpoint after this step, then stop (exit status 75)
-                path = self.checkpointer.save(f"model_{it:07d}", iteration=it)
+                name = f"model_{it:07d}"
+                self.checkpointer.save(name, iteration=it)
                 comm.synchronize()
-                msg = (f"interrupted by {signal.Signals(signum).name} after iteration {it}; wrote "
-                       f"{path or os.path.join(cfg.OUTPUT_DIR, f'model_{it:07d}.pth')}: rerun the same command "
-                       "to resume")
-                logger.warning(msg)
                 if log:
                     log.close()
-                stop.pass_on()
-                raise TrainingInterrupted(msg, signum)
+                stop.stop(signum, f"iteration {it}", os.path.join(cfg.OUTPUT_DIR, name + ".pth"))
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

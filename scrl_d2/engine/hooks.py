@@ -7,6 +7,7 @@ Detectron2's semantics hold: in ``after_step`` ``trainer.iter`` is the iteration
 """
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -81,7 +82,7 @@ class StepMetrics(HookBase):
                     values[k], pos = numbers[pos], pos + 1
             losses = {k: v for k, v in values.items() if k.startswith("loss")}
             for k, v in losses.items():
-                if check and v != v or v in (float("inf"), float("-inf")):
+                if check and not math.isfinite(v):
                     t.diverged_loss(k, v, it)  # the same values on every process: all stop
             if losses:
                 storage.put_scalar("total_loss", sum(losses.values()), cur_iter=it)

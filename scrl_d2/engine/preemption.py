@@ -73,3 +73,12 @@ class StopSignals:
         prev = self._previous.get(self.signum) if self.signum else None
         if callable(prev):
             prev(self.signum, None)
+
+    def stop(self, signum: int, where: str, path: str) -> None:
+        """After the checkpoint ``path`` is written: say so, hand the signal on (submitit
+        requeues and exits here) and raise :class:`TrainingInterrupted`."""
+        msg = (f"interrupted by {signal.Signals(signum).name} after {where}; wrote {path}: rerun the same command "
+               "to resume")
+        logger.warning(msg)
+        self.pass_on()
+        raise TrainingInterrupted(msg, signum)

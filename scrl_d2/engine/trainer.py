@@ -28,7 +28,7 @@ from ..utils import comm
 from .ddp import create_ddp_model
 from .defaults import TrainingDiverged, resolve_device
 from ..utils.events import EventStorage
-from .preemption import StopSignals, TrainingInterrupted
+from .preemption import StopSignals
 from .hooks import (
     EpochCheckpointer,
     EventWriters,
@@ -432,17 +432,11 @@ class PretrainTrainer:
     def _interrupt(self, signum: int) -> None:
         """Preemption: a complete checkpoint of the state after this step, then stop
         (submitit's handler, if any, requeues the job)."""
-        import signal as _signal
-
         done = self.iter + 1
         name = f"checkpoint_{done // self.iters_per_epoch}_iter{done}"
         self.save_checkpoint(name)
-        path = os.path.join(self.cfg.OUTPUT_DIR, f"{name}.pth")
-        msg = (f"interrupted by {_signal.Signals(signum).name} after iteration {self.iter} (epoch "
-               f"{done / self.iters_per_epoch:.2f}); wrote {path}: rerun the same command to resume")
-        logger.warning(msg)
-        self._stop.pass_on()  # submitit: requeue the job and exit
-        raise TrainingInterrupted(msg, signum)
+        self._stop.stop(signum, f"iteration {self.iter} (epoch {done / self.iters_per_epoch:.2f})",
+                        os.path.join(self.cfg.OUTPUT_DIR, f"{name}.pth"))
 
     def _after_backward(self) -> None:
         for h in self._hooks:
