@@ -8,6 +8,7 @@ setup(
     "integrated with Detectron2",
     python_requires=">=3.9",
     packages=find_packages(include=["scrl_d2", "scrl_d2.*"]),
+    package_data={"scrl_d2.detection": ["coco_train2017_subsets.json"]},
     # Loose lower bounds for users; requirements.txt pins the tested environment.
     install_requires=[
         "torch>=2.1",

@@ -1,7 +1,8 @@
 """scrl_d2: SCRL and BYOL self-supervised pretraining for object detection.
 
 When Detectron2 is installed, importing this package registers ``SCRL`` and ``BYOL`` in
-``detectron2.modeling.META_ARCH_REGISTRY`` (see :func:`register_detectron2`), so
+``detectron2.modeling.META_ARCH_REGISTRY`` and MoCo's ``Res5ROIHeadsExtraNorm`` in its
+``ROI_HEADS_REGISTRY`` (see :func:`register_detectron2`), so
 ``detectron2.modeling.build_model(cfg)`` builds them from our YAML files.
 """
 from .backend import backend_name, detectron2_available, use_detectron2
@@ -22,6 +23,8 @@ def register_detectron2() -> bool:
     for cls in (BYOL, SCRL):
         if cls.__name__ not in D2_META_ARCH_REGISTRY:
             D2_META_ARCH_REGISTRY.register(cls)
+    from .detection import d2_heads  # noqa: F401  (Res5ROIHeadsExtraNorm for the MoCo C4 protocols)
+
     return True
 
 

@@ -10,7 +10,8 @@ __all__ = ["is_detection_config", "run_finetune", "register_coco_json", "get_coc
 
 
 def is_detection_config(cfg) -> bool:
-    return cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
+    """A Detectron2 detector config (R-CNNs and RetinaNet), as opposed to pretraining."""
+    return cfg.MODEL.META_ARCHITECTURE in ("GeneralizedRCNN", "RetinaNet")
 
 
 def run_finetune(cfg, resume: bool = False, eval_only: bool = False) -> Dict:

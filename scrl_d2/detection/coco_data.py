@@ -1,5 +1,6 @@
-"""COCO-format data for the torchvision fine-tuner: images as uint8 tensors, targets in
-torchvision's format (xyxy boxes, contiguous labels from 1, uint8 masks)."""
+"""Detection data for the torchvision fine-tuner (COCO json, COCO keypoints, label-scarce
+COCO subsets, Pascal VOC): images as uint8 tensors, targets in torchvision's format (xyxy
+boxes, contiguous labels from 1, uint8 masks, (K, 17, 3) keypoints)."""
 import logging
 from typing import Dict, List, Tuple
 
@@ -10,32 +11,62 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from ..data.datasets import ImageReadError, read_image
-from .datasets import get_coco_json
+from .datasets import check_dataset_files, get_dataset
 
-__all__ = ["CocoDetectionDataset", "collate"]
+__all__ = ["CocoDetectionDataset", "collate", "build_detection_dataset", "TORCHVISION_KINDS"]
+
+TORCHVISION_KINDS = ("coco", "voc")  # the formats the torchvision path reads
+
+
+def _coco_api(name: str) -> Tuple[COCO, str]:
+    """A pycocotools COCO object of any dataset the torchvision path reads, and the image root."""
+    import contextlib
+    import io
+
+    ds = get_dataset(name)
+    if ds.kind not in TORCHVISION_KINDS:
+        raise ValueError(f"detection dataset {name!r} ({ds.kind} format, {ds.evaluator} evaluation) needs "
+                         "Detectron2: install it (see README, 'Detectron2 backend')"
+                         + (" and the `lvis` package" if ds.kind == "lvis" else "")
+                         + (" and `cityscapesscripts`" if ds.kind == "cityscapes" else ""))
+    paths = check_dataset_files(name)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        if ds.kind == "voc":
+            from .miniature import VOC_CLASSES
+            from .voc import voc_as_coco
+
+            coco = COCO()
+            coco.dataset = voc_as_coco(paths["dirname"], ds.split, VOC_CLASSES)
+            coco.createIndex()
+            return coco, paths["dirname"]
+        return COCO(paths["json_file"]), paths["image_root"]
 
 logger = logging.getLogger("scrl_d2.detection")
 
 
 class CocoDetectionDataset(torch.utils.data.Dataset):
     def __init__(self, name: str, train: bool, with_masks: bool, flip: bool = True,
-                 filter_empty: bool = True):
-        import contextlib
-        import io
-
+                 filter_empty: bool = True, with_keypoints: bool = False):
         self.name = name
-        self.json_file, self.image_root = get_coco_json(name)
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            self.coco = COCO(self.json_file)
+        self.spec = get_dataset(name)
+        self.coco, self.image_root = _coco_api(name)
         self.cat_ids = sorted(self.coco.getCatIds())
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
         ids = sorted(self.coco.getImgIds())
+        if self.spec.keep is not None:  # a label-scarce subset: its fixed images
+            ids = [ids[i] for i in self.spec.keep(len(ids))]
         if train and filter_empty:
             ids = [i for i in ids if any(not a.get("iscrowd", 0) for a in self.coco.imgToAnns.get(i, []))]
         if not ids:
-            raise ValueError(f"detection dataset {name!r} ({self.json_file}) has no usable images")
+            raise ValueError(f"detection dataset {name!r} ({self.image_root}) has no usable images")
         self.ids, self.train, self.with_masks, self.flip = ids, train, with_masks, flip
+        cat = self.coco.cats[self.cat_ids[0]]
+        self.keypoint_names = cat.get("keypoints") if len(self.cat_ids) == 1 else None
+        self.with_keypoints = with_keypoints
+        if with_keypoints and not self.keypoint_names:
+            raise ValueError(f"detection dataset {name!r}: MODEL.KEYPOINT_ON needs a COCO keypoints json "
+                             "(one category with 'keypoints'), e.g. keypoints_coco_2017_train")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -61,12 +92,19 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         if self.with_masks and self.train:
             masks = [self._mask(a["segmentation"], h, w) for a in anns]
             target["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.uint8)
+        if self.with_keypoints and self.train:
+            target["keypoints"] = torch.tensor([a["keypoints"] for a in anns], dtype=torch.float32).reshape(
+                len(anns), len(self.keypoint_names), 3)
         if self.train and self.flip and torch.rand(()) < 0.5:
             img = img.flip(-1)
             b = target["boxes"]
             target["boxes"] = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], dim=1)
             if "masks" in target:
                 target["masks"] = target["masks"].flip(-1)
+            if "keypoints" in target:  # mirror x and swap left_* / right_* (COCO's flip map)
+                k = target["keypoints"].clone()
+                k[..., 0] = w - k[..., 0]
+                target["keypoints"] = k[:, _flip_order(tuple(self.keypoint_names))]
         return img, target
 
     @staticmethod
@@ -78,6 +116,25 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         else:
             rle = segm
         return mask_utils.decode(rle).astype(np.uint8)
+
+
+def _flip_order(names: Tuple[str, ...]) -> List[int]:
+    swap = {n: n.replace("left_", "right_") if n.startswith("left_") else n.replace("right_", "left_")
+            for n in names}
+    return [names.index(swap[n]) if swap[n] in names else i for i, n in enumerate(names)]
+
+
+def build_detection_dataset(names, train: bool, **kwargs) -> torch.utils.data.Dataset:
+    """One dataset, or several concatenated (VOC07+12) when their classes agree."""
+    parts = [CocoDetectionDataset(n, train=train, **kwargs) for n in names]
+    for p in parts[1:]:
+        if p.class_names != parts[0].class_names:
+            raise ValueError(f"DATASETS.TRAIN: {parts[0].name!r} and {p.name!r} have different classes")
+    if len(parts) == 1:
+        return parts[0]
+    cat = torch.utils.data.ConcatDataset(parts)
+    cat.class_names, cat.cat_to_label = parts[0].class_names, parts[0].cat_to_label
+    return cat
 
 
 def collate(batch: List) -> Tuple[List[torch.Tensor], List[Dict]]:

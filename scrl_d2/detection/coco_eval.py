@@ -21,6 +21,8 @@ __all__ = ["predictions_to_coco", "evaluate_predictions", "print_results", "resu
 
 logger = logging.getLogger("scrl_d2.detection")
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+# COCOeval.stats order per IoU type, as Detectron2's COCOEvaluator names them
+STATS = {"bbox": METRICS, "segm": METRICS, "keypoints": ["AP", "AP50", "AP75", "APm", "APl"]}
 
 
 def predictions_to_coco(outputs: List[Dict], image_ids: List[int], label_to_cat: Dict[int, int]) -> List[Dict]:
@@ -38,11 +40,14 @@ def predictions_to_coco(outputs: List[Dict], image_ids: List[int], label_to_cat:
             masks = [mask_utils.encode(np.asfortranarray(m)) for m in binary]
             for m in masks:
                 m["counts"] = m["counts"].decode("ascii")
+        kps = out["keypoints"].float().cpu() if "keypoints" in out else None
         for k in range(len(scores)):
             r = {"image_id": int(image_id), "category_id": label_to_cat[labels[k]], "bbox": xywh[k],
                  "score": scores[k]}
             if masks is not None:
                 r["segmentation"] = masks[k]
+            if kps is not None:
+                r["keypoints"] = kps[k].flatten().tolist()
             results.append(r)
     return results
 
@@ -55,9 +60,10 @@ def evaluate_predictions(coco_gt, results: List[Dict], iou_types: List[str], cla
                      mode="w")
     out: Dict[str, Dict[str, float]] = {}
     for iou_type in iou_types:
+        names = STATS[iou_type]
         if not results:
             logger.warning("no predictions from the model: AP is NaN")
-            out[iou_type] = {m: float("nan") for m in METRICS}
+            out[iou_type] = {m: float("nan") for m in names}
             continue
         with contextlib.redirect_stdout(io.StringIO()) as buf:
             dt = coco_gt.loadRes(results)
@@ -66,7 +72,7 @@ def evaluate_predictions(coco_gt, results: List[Dict], iou_types: List[str], cla
             ev.accumulate()
             ev.summarize()
         logger.info(f"COCO {iou_type} evaluation:\n{buf.getvalue()}")
-        stats = {m: float(ev.stats[i] * 100) if ev.stats[i] >= 0 else float("nan") for i, m in enumerate(METRICS)}
+        stats = {m: float(ev.stats[i] * 100) if ev.stats[i] >= 0 else float("nan") for i, m in enumerate(names)}
         precisions = ev.eval["precision"]  # [iou, recall, class, area, maxdets]
         for k, name in enumerate(class_names):
             p = precisions[:, :, k, 0, -1]

@@ -1,4 +1,5 @@
-"""Fine-tuning and evaluation with Detectron2's own trainer and COCOEvaluator."""
+"""Fine-tuning and evaluation with Detectron2's own trainer and evaluators (chosen by each
+dataset's ``evaluator_type``, as Detectron2's ``tools/train_net.py``)."""
 import logging
 import os
 from typing import Dict
@@ -15,15 +16,34 @@ __all__ = ["run_detectron2"]
 logger = logging.getLogger("scrl_d2.detection")
 
 
+def build_evaluator(cfg, dataset_name: str, output_folder=None):
+    """Detectron2's evaluator for the dataset's ``evaluator_type``: COCO (boxes, masks,
+    keypoints), Pascal VOC, Cityscapes instances, LVIS."""
+    from detectron2.data import MetadataCatalog
+    from detectron2.evaluation import (CityscapesInstanceEvaluator, COCOEvaluator, LVISEvaluator,
+                                       PascalVOCDetectionEvaluator)
+
+    out = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    kind = getattr(MetadataCatalog.get(dataset_name), "evaluator_type", "coco")
+    if kind == "pascal_voc":
+        return PascalVOCDetectionEvaluator(dataset_name)
+    if kind == "cityscapes_instance":
+        return CityscapesInstanceEvaluator(dataset_name)
+    if kind == "lvis":
+        return LVISEvaluator(dataset_name, output_dir=out)
+    if kind != "coco":
+        raise ValueError(f"DATASETS.TEST: {dataset_name!r} has evaluator_type {kind!r}; detection fine-tuning "
+                         "evaluates coco, pascal_voc, cityscapes_instance and lvis datasets")
+    return COCOEvaluator(dataset_name, output_dir=out)
+
+
 def _trainer_class():
     from detectron2.engine import DefaultTrainer, hooks
-    from detectron2.evaluation import COCOEvaluator
 
     class Trainer(DefaultTrainer):
         @classmethod
         def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-            return COCOEvaluator(dataset_name, output_dir=output_folder or
-                                 os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name))
+            return build_evaluator(cfg, dataset_name, output_folder)
 
         def build_hooks(self):
             """Detectron2's hooks; metrics every LOG_PERIOD iterations (its fixed 20 is
@@ -63,10 +83,11 @@ def run_detectron2(cfg, resume: bool, eval_only: bool) -> Dict:
     """Detectron2's ``tools/train_net.py`` logic; writes ``OUTPUT_DIR/results.json``."""
     from detectron2.checkpoint import DetectionCheckpointer
 
-    from .datasets import get_coco_json
+    from .datasets import DETECTION_DATASETS, check_dataset_files
 
     for name in tuple(cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST):
-        get_coco_json(name)  # a missing file fails here, naming it
+        if name in DETECTION_DATASETS:
+            check_dataset_files(name)  # a missing file fails here, naming it
     if cfg.MODEL.WEIGHTS and not cfg.MODEL.WEIGHTS.startswith(("detectron2://", "http")) \
             and not os.path.isfile(cfg.MODEL.WEIGHTS):
         raise FileNotFoundError(f"MODEL.WEIGHTS: file not found: {cfg.MODEL.WEIGHTS}")
@@ -77,7 +98,7 @@ def run_detectron2(cfg, resume: bool, eval_only: bool) -> Dict:
         cfg.MODEL.DEVICE = "cpu"
         cfg.freeze()
     Trainer = _trainer_class()
-    logger.info("fine-tuning with Detectron2's DefaultTrainer and COCOEvaluator")
+    logger.info("fine-tuning with Detectron2's DefaultTrainer and evaluators")
     if eval_only:
         model = Trainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)

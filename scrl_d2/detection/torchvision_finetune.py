@@ -1,6 +1,7 @@
-"""Fine-tuning and evaluation on COCO-format data without Detectron2: torchvision's
-Faster / Mask R-CNN FPN, iteration-based SGD with linear warm-up and step decay,
-multi-process, mixed precision, checkpoints and resume, periodic and final COCO AP."""
+"""Fine-tuning and evaluation without Detectron2: torchvision's Faster / Mask / Keypoint
+R-CNN FPN and RetinaNet on COCO-json or Pascal VOC data, iteration-based SGD with linear
+warm-up and step decay, multi-process, mixed precision, checkpoints and resume, periodic
+and final evaluation (COCO AP with pycocotools, or Detectron2's VOC AP)."""
 import contextlib
 import json
 import logging
@@ -16,7 +17,7 @@ from ..engine.preemption import StopSignals
 from ..engine.defaults import TrainingDiverged, resolve_device
 from ..engine.trainer import amp_dtype
 from ..utils import comm
-from .coco_data import CocoDetectionDataset, collate
+from .coco_data import build_detection_dataset, collate
 from .coco_eval import evaluate_predictions, predictions_to_coco, results_json
 from .torchvision_model import build_torchvision_detector, load_detector_weights
 
@@ -92,11 +93,11 @@ class TorchvisionDetectionTrainer:
             logger.warning("MODEL.WEIGHTS is empty: training from random initialisation")
 
     # ------------------------------------------------------------------ data
-    def _loader(self, name: str, train: bool):
+    def _loader(self, names, train: bool):
         cfg = self.cfg
-        ds = CocoDetectionDataset(name, train=train, with_masks=cfg.MODEL.MASK_ON,
-                                  flip=cfg.INPUT.RANDOM_FLIP != "none",
-                                  filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        ds = build_detection_dataset(names, train=train, with_masks=cfg.MODEL.MASK_ON,
+                                     with_keypoints=cfg.MODEL.KEYPOINT_ON, flip=cfg.INPUT.RANDOM_FLIP != "none",
+                                     filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
         workers = cfg.DATALOADER.NUM_WORKERS
         if train:
             sampler = _Infinite(len(ds), cfg.SEED if cfg.SEED >= 0 else 0, self.start_iter)
@@ -117,9 +118,7 @@ class TorchvisionDetectionTrainer:
         max_iter = cfg.SOLVER.MAX_ITER
         if max_iter <= 0:
             raise ValueError("SOLVER.MAX_ITER must be > 0 for detection fine-tuning")
-        if len(cfg.DATASETS.TRAIN) != 1:
-            raise ValueError(f"DATASETS.TRAIN: the torchvision path trains on one dataset, got {cfg.DATASETS.TRAIN}")
-        _, loader = self._loader(cfg.DATASETS.TRAIN[0], train=True)
+        _, loader = self._loader(cfg.DATASETS.TRAIN, train=True)
         data = iter(loader)
         metrics_path = os.path.join(cfg.OUTPUT_DIR, "metrics.json")
         log = open(metrics_path, "a") if comm.is_main_process() else None
@@ -185,7 +184,7 @@ class TorchvisionDetectionTrainer:
 
         if not self.cfg.TEST.PRECISE_BN.ENABLED or not get_bn_modules(self.model):
             return
-        _, loader = self._loader(self.cfg.DATASETS.TRAIN[0], train=True)
+        _, loader = self._loader(self.cfg.DATASETS.TRAIN, train=True)
         model = self.model
 
         class _Wrap(torch.nn.Module):
@@ -203,6 +202,23 @@ class TorchvisionDetectionTrainer:
             update_bn_stats(_Wrap().train(), iter(loader), self.cfg.TEST.PRECISE_BN.NUM_ITER)
         logger.info(f"precise BN: statistics recomputed over {self.cfg.TEST.PRECISE_BN.NUM_ITER} batches")
 
+    def _score(self, ds, preds, out_dir: str) -> Dict:
+        """The dataset's own metric: Detectron2's VOC AP for Pascal VOC, COCO AP otherwise."""
+        if ds.spec.evaluator == "pascal_voc":
+            from .miniature import VOC_CLASSES
+            from .voc import voc_detection_ap
+
+            voc_id = {i: ds.coco.imgs[i]["voc_id"] for i in ds.coco.imgs}
+            return voc_detection_ap([{"voc_id": voc_id[p["image_id"]], "class": p["category_id"] - 1,
+                                      "score": p["score"], "box": [p["bbox"][0], p["bbox"][1],
+                                                                   p["bbox"][0] + p["bbox"][2],
+                                                                   p["bbox"][1] + p["bbox"][3]]} for p in preds],
+                                    ds.image_root, ds.spec.split, ds.spec.year, VOC_CLASSES)
+        cfg = self.cfg
+        iou_types = ["bbox"] + (["segm"] if cfg.MODEL.MASK_ON else []) + (["keypoints"] if cfg.MODEL.KEYPOINT_ON
+                                                                          else [])
+        return evaluate_predictions(ds.coco, preds, iou_types, ds.class_names, out_dir)
+
     @torch.no_grad()
     def evaluate(self, tag: str = "eval") -> Dict:
         cfg = self.cfg
@@ -214,7 +230,7 @@ class TorchvisionDetectionTrainer:
         all_results: Dict = {}
         try:
             for name in cfg.DATASETS.TEST:
-                ds, loader = self._loader(name, train=False)
+                ds, loader = self._loader((name,), train=False)
                 preds = []
                 for images, targets in loader:
                     images = [im.to(self.device).float() / 255.0 for im in images]
@@ -226,12 +242,12 @@ class TorchvisionDetectionTrainer:
                 if comm.is_main_process():
                     out_dir = os.path.join(cfg.OUTPUT_DIR, "inference", name)
                     os.makedirs(out_dir, exist_ok=True)
-                    iou_types = ["bbox", "segm"] if cfg.MODEL.MASK_ON else ["bbox"]
-                    res = evaluate_predictions(ds.coco, preds, iou_types, ds.class_names, out_dir)
+                    res = self._score(ds, preds, out_dir)
                     all_results[name] = res
                     for t, r in res.items():
                         logger.info(f"{name} {t} ({tag}): " + "  ".join(f"{m}: {r[m]:.2f}" for m in
-                                                                     ("AP", "AP50", "AP75", "APs", "APm", "APl")))
+                                                                     ("AP", "AP50", "AP75", "APs", "APm", "APl")
+                                                                     if m in r))
             all_results = comm.broadcast_object(all_results)
         finally:
             model.transform.min_size, model.transform.max_size = train_sizes
