@@ -87,6 +87,12 @@ def check_dataset_files(name: str) -> Dict[str, str]:
             raise FileNotFoundError(f"detection dataset {name!r}: {what} not found: {os.path.abspath(path)} "
                                     "(set DATASETS.ROOT, $SCRL_DATASETS or $DETECTRON2_DATASETS)")
     if detectron2_available():
+        if ds.kind in ("cityscapes", "lvis"):
+            from .d2_compat import alias_cityscapesscripts, numpy_compat
+
+            numpy_compat()
+            if ds.kind == "cityscapes":
+                alias_cityscapesscripts()
         _point_detectron2_at(ds, paths)
     return paths
 
@@ -142,6 +148,9 @@ def _point_detectron2_at(ds: DetectionDataset, paths: Dict[str, str]) -> None:
     elif ds.kind == "cityscapes":
         from detectron2.data.datasets.cityscapes import load_cityscapes_instances
 
+        from .d2_compat import alias_cityscapesscripts
+
+        alias_cityscapesscripts()
         DatasetCatalog.register(ds.name, lambda x=paths["image_dir"], y=paths["gt_dir"]:
                                 load_cityscapes_instances(x, y, from_json=True, to_polygons=True))
     elif ds.kind == "lvis":

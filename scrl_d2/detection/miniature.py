@@ -29,7 +29,7 @@ from .synthetic import _render
 __all__ = ["FORMATS", "make_miniature", "COCO_PERSON_KEYPOINTS", "VOC_CLASSES"]
 
 FORMATS = ("coco", "voc", "cityscapes", "lvis")
-_VERSION = "1"
+_VERSION = "2"
 SPLITS = {"train": (24, 21), "val": (12, 22)}  # images, seed
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -70,9 +70,21 @@ def _keypoints(ann: Dict) -> List[float]:
     return kps
 
 
+def coco_categories() -> List[Dict]:
+    """COCO's 80 thing categories with their real (gapped) ids, from torchvision's metadata."""
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+
+    names = FasterRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"]  # index = COCO id
+    return [{"id": i, "name": n, "supercategory": ""} for i, n in enumerate(names) if n not in ("__background__",
+                                                                                                "N/A")]
+
+
+_COCO_OF_SHAPE = ("sports ball", "tv", "kite", "clock")
+
+
 def _write_coco(tmp: str, scenes: Dict[str, list]) -> None:
-    cats = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in
-            enumerate(("disc", "square", "triangle", "cross"))]
+    cats = coco_categories()  # all 80, as the real json: configs keep NUM_CLASSES 80
+    cat_id = {c["name"]: c["id"] for c in cats}
     person = {"id": 1, "name": "person", "supercategory": "person", "keypoints": list(COCO_PERSON_KEYPOINTS),
               "skeleton": [[16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], [7, 13], [6, 7], [6, 8],
                            [7, 9], [8, 10], [9, 11], [2, 3], [1, 2], [1, 3], [2, 4], [3, 5], [4, 6], [5, 7]]}
@@ -85,7 +97,7 @@ def _write_coco(tmp: str, scenes: Dict[str, list]) -> None:
             info = dict(info, file_name=f"{info['id']:012d}.jpg")
             img.save(os.path.join(folder, info["file_name"]), quality=92)
             images.append(info)
-            anns += objs
+            anns += [dict(a, category_id=cat_id[_COCO_OF_SHAPE[a["category_id"] - 1]]) for a in objs]
             kp_anns += [dict(a, category_id=1, keypoints=_keypoints(a), num_keypoints=17) for a in objs]
         for fname, data in ((f"instances_{split}2017.json", {"images": images, "annotations": anns,
                                                              "categories": cats}),

@@ -99,6 +99,12 @@ class TorchvisionDetectionTrainer:
                                      with_keypoints=cfg.MODEL.KEYPOINT_ON, flip=cfg.INPUT.RANDOM_FLIP != "none",
                                      filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
         workers = cfg.DATALOADER.NUM_WORKERS
+        key, classes = (("MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES)
+                        if cfg.MODEL.META_ARCHITECTURE == "RetinaNet"
+                        else ("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES))
+        if len(ds.class_names) != classes:
+            raise ValueError(f"{key} is {classes} but dataset(s) {', '.join(names)} have {len(ds.class_names)} "
+                             "classes")
         if train:
             sampler = _Infinite(len(ds), cfg.SEED if cfg.SEED >= 0 else 0, self.start_iter)
             return ds, torch.utils.data.DataLoader(ds, batch_size=cfg.SOLVER.IMS_PER_BATCH // self.world,

@@ -1,0 +1,66 @@
+"""Work-arounds for known breakages of Detectron2's main branch that transfer protocols hit."""
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+import types
+
+__all__ = ["alias_cityscapesscripts", "numpy_compat"]
+
+_INTERNAL = "deeplearning.projects.cityscapesApi.cityscapesscripts"
+
+
+class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves ``<_INTERNAL>[.sub]`` as the very module object ``cityscapesscripts[.sub]``."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == _INTERNAL or fullname.startswith(_INTERNAL + "."):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return importlib.import_module("cityscapesscripts" + spec.name[len(_INTERNAL):])
+
+    def exec_module(self, module):
+        pass
+
+
+def alias_cityscapesscripts() -> None:
+    """Detectron2's Cityscapes loader and evaluator import cityscapesscripts under a
+    Meta-internal path (facebookresearch/detectron2#5436, "No module named 'deeplearning'").
+    Serve that path from the public ``cityscapesscripts`` package; a missing package is named."""
+    numpy_compat()
+    if any(isinstance(f, _Alias) for f in sys.meta_path):
+        return
+    try:
+        importlib.import_module(_INTERNAL)
+        return  # an environment that has the internal path
+    except ImportError:
+        pass
+    try:
+        importlib.import_module("cityscapesscripts")
+    except ImportError:
+        raise ImportError("the Cityscapes protocol needs `cityscapesscripts` (pip install cityscapesscripts; "
+                          "Detectron2's Cityscapes loader and evaluator use it)") from None
+    parts = _INTERNAL.split(".")
+    for i in range(1, len(parts)):  # the empty parent packages
+        name = ".".join(parts[:i])
+        if name not in sys.modules:
+            module = types.ModuleType(name)
+            module.__path__ = []
+            sys.modules[name] = module
+    sys.meta_path.insert(0, _Alias())
+
+
+def numpy_compat() -> None:
+    """The evaluators' packages predate NumPy 2: cityscapesscripts 2.3.0 (the newest) calls
+    ``np.in1d`` (removed in NumPy 2.4) and lvis 0.5.3 (the newest) ``np.float`` (removed in
+    1.24). Give NumPy back both names with their documented meaning (``isin`` flattened;
+    the builtin ``float``) when they are missing; nothing else changes."""
+    import numpy as np
+
+    if "float" not in np.__dict__:
+        np.float = float
+    if not hasattr(np, "in1d"):
+        np.in1d = lambda ar1, ar2, assume_unique=False, invert=False: np.isin(
+            ar1, ar2, assume_unique=assume_unique, invert=invert).ravel()

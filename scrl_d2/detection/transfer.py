@@ -1,0 +1,282 @@
+"""The transfer suite: pretrained checkpoints x protocols x trials -> fine-tuning runs ->
+one table (markdown, CSV, JSON) with mean +- std per metric beside the published numbers.
+
+Layout under the suite's output directory::
+
+    weights/<checkpoint>.pkl                      converted once (Detectron2 layout)
+    runs/<protocol>/<checkpoint>/trial<k>/        one tools/train_net.py run each
+        results.json                              present = complete (skipped on rerun)
+        transfer_run.json                         the command, for the record
+        log.txt                                   its stdout and stderr
+    table.md  table.csv  table.json
+
+A rerun skips complete runs and resumes incomplete ones (``--resume``: Detectron2's and
+our checkpoints), so only failed or missing trials cost time.
+"""
+import csv
+import io
+import json
+import logging
+import math
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..checkpoint import atomic_write
+from .protocols import Protocol, miniature_overrides
+
+__all__ = ["TransferRun", "TransferSuite", "mean_std", "RANDOM_INIT"]
+
+logger = logging.getLogger("scrl_d2.transfer")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
+SUBMIT_SLURM = os.path.join(ROOT, "tools", "submit_slurm.py")
+RANDOM_INIT = "random"  # checkpoint path meaning "no pretraining"
+LAUNCHERS = ("local", "torchrun", "slurm", "print")
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for one value). A missing metric
+    (NaN: nothing to evaluate) makes both NaN rather than being dropped silently."""
+    if not values:
+        return float("nan"), float("nan")
+    if any(v is None or not math.isfinite(v) for v in values):
+        return float("nan"), float("nan")
+    m = sum(values) / len(values)
+    if len(values) == 1:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+@dataclass
+class TransferRun:
+    protocol: Protocol
+    checkpoint: str
+    trial: int
+    output_dir: str
+    command: List[str]
+
+    @property
+    def results_file(self) -> str:
+        return os.path.join(self.output_dir, "results.json")
+
+    def complete(self) -> bool:
+        return os.path.isfile(self.results_file)
+
+    def results(self) -> Dict[str, float]:
+        """``{"task/metric": value}`` of a complete run (NaN where results.json has null)."""
+        with open(self.results_file) as f:
+            res = json.load(f)
+        flat = {}
+        for task, metrics in res.items():
+            if isinstance(metrics, dict):
+                for m, v in metrics.items():
+                    flat[f"{task}/{m}"] = float("nan") if v is None else float(v)
+        return flat
+
+
+class TransferSuite:
+    """Plans, runs and tabulates (checkpoint, protocol, trial) fine-tunings."""
+
+    def __init__(self, output_dir: str, checkpoints: Dict[str, str], protocols: Sequence[Protocol],
+                 trials: Optional[int] = None, max_trials: Optional[int] = None, num_gpus: int = 1, launcher: str = "local",
+                 miniature_root: str = "", opts: Sequence[str] = (), slurm_args: Sequence[str] = (),
+                 python: str = sys.executable):
+        if launcher not in LAUNCHERS:
+            raise ValueError(f"--launcher {launcher!r}: expected one of {list(LAUNCHERS)}")
+        if not checkpoints:
+            raise ValueError("no checkpoints: give --weights NAME=PATH (PATH 'random' for random initialisation)")
+        if not protocols:
+            raise ValueError("no protocols: give --protocols (see --list)")
+        for name, path in checkpoints.items():
+            if not name or "/" in name or name.startswith("."):
+                raise ValueError(f"--weights {name}={path}: the NAME must be a plain word (it names folders)")
+            if path != RANDOM_INIT and not os.path.isfile(path):
+                raise FileNotFoundError(f"--weights {name}={path}: file not found")
+        if trials is not None and trials < 1:
+            raise ValueError(f"--trials {trials}: expected 1 or more")
+        self.output_dir = os.path.abspath(output_dir)
+        self.checkpoints, self.protocols = dict(checkpoints), list(protocols)
+        self.trials, self.max_trials, self.num_gpus, self.launcher = trials, max_trials, num_gpus, launcher
+        self.miniature_root = miniature_root
+        self.opts, self.slurm_args, self.python = list(opts), list(slurm_args), python
+
+    # ------------------------------------------------------------------ planning
+    def weights_file(self, name: str) -> str:
+        src = self.checkpoints[name]
+        if src == RANDOM_INIT:
+            return ""
+        if src.endswith(".pkl"):  # already Detectron2's layout (tools/convert.py, MoCo's converter)
+            return os.path.abspath(src)
+        return os.path.join(self.output_dir, "weights", f"{name}.pkl")
+
+    def convert_weights(self) -> None:
+        """Convert every checkpoint not yet converted (ours, the release's, torchvision's)."""
+        from ..checkpoint.convert import convert_checkpoint
+
+        for name, src in self.checkpoints.items():
+            dst = self.weights_file(name)
+            if not dst or os.path.isfile(dst) or dst == os.path.abspath(src):
+                continue
+            if self.launcher == "print":
+                print(shlex.join([self.python, os.path.join(ROOT, "tools", "convert.py"), src, dst]))
+                continue
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            s = convert_checkpoint(src, dst)
+            logger.info(f"converted {name}: {s['layout']} layout, ResNet-{s['resnet_depth']} -> {dst}")
+
+    def trials_of(self, protocol: Protocol) -> int:
+        """``trials`` if given, else the protocol's own count (capped at ``max_trials``)."""
+        return self.trials or min(protocol.trials, self.max_trials or protocol.trials)
+
+    def runs(self) -> List[TransferRun]:
+        out = []
+        for p in self.protocols:
+            for name in self.checkpoints:
+                for k in range(1, self.trials_of(p) + 1):
+                    d = os.path.join(self.output_dir, "runs", p.name, name, f"trial{k}")
+                    out.append(TransferRun(p, name, k, d, self._command(p, name, k, d)))
+        return out
+
+    def _command(self, p: Protocol, name: str, trial: int, out_dir: str) -> List[str]:
+        opts = ["MODEL.WEIGHTS", self.weights_file(name), "OUTPUT_DIR", out_dir] + p.trial_overrides(trial)
+        if self.miniature_root:
+            opts += miniature_overrides(p, self.miniature_root, trial)
+        opts += self.opts
+        args = ["--config-file", p.config_path, "--resume"]
+        if self.launcher == "slurm":
+            return [self.python, SUBMIT_SLURM] + self.slurm_args + args + opts
+        if self.launcher == "torchrun":
+            return ["torchrun", f"--nproc-per-node={self.num_gpus}", TRAIN_NET] + args + opts
+        return [self.python, TRAIN_NET] + args + ["--num-gpus", str(self.num_gpus)] + opts
+
+    # ------------------------------------------------------------------ running
+    def execute(self) -> Dict[str, List[TransferRun]]:
+        """Run (or print, or submit) every incomplete run; returns runs by state."""
+        self.convert_weights()
+        state: Dict[str, List[TransferRun]] = {"complete": [], "ran": [], "failed": [], "submitted": [],
+                                               "printed": []}
+        todo = [r for r in self.runs() if not r.complete()]
+        done = [r for r in self.runs() if r.complete()]
+        state["complete"] = done
+        if done:
+            logger.info(f"{len(done)} run(s) already complete: skipped")
+        for i, run in enumerate(todo, 1):
+            tag = f"[{i}/{len(todo)}] {run.protocol.name} / {run.checkpoint} / trial {run.trial}"
+            if self.launcher == "print":
+                print(shlex.join(run.command))
+                state["printed"].append(run)
+                continue
+            os.makedirs(run.output_dir, exist_ok=True)
+            atomic_write(os.path.join(run.output_dir, "transfer_run.json"), lambda f: f.write(json.dumps(
+                {"protocol": run.protocol.name, "checkpoint": run.checkpoint, "trial": run.trial,
+                 "command": run.command}, indent=1)), mode="w")
+            logger.info(f"{tag}: {'submitting' if self.launcher == 'slurm' else 'running'} "
+                        f"(log: {os.path.join(run.output_dir, 'log.txt')})")
+            with open(os.path.join(run.output_dir, "log.txt"), "a") as log:
+                rc = subprocess.call(run.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            if rc != 0:
+                logger.error(f"{tag}: failed with exit status {rc}; see {os.path.join(run.output_dir, 'log.txt')}")
+                state["failed"].append(run)
+            elif self.launcher == "slurm":
+                state["submitted"].append(run)
+            elif run.complete():
+                state["ran"].append(run)
+            else:
+                logger.error(f"{tag}: ended without {run.results_file}")
+                state["failed"].append(run)
+        return state
+
+    # ------------------------------------------------------------------ the table
+    def table(self) -> List[Dict]:
+        """One row per (protocol, checkpoint) and per published row: mean/std/n per metric."""
+        rows = []
+        by_key: Dict[Tuple[str, str], List[TransferRun]] = {}
+        for r in self.runs():
+            by_key.setdefault((r.protocol.name, r.checkpoint), []).append(r)
+        for p in self.protocols:
+            for name in self.checkpoints:
+                runs = by_key[(p.name, name)]
+                done = [r for r in runs if r.complete()]
+                values = [r.results() for r in done]
+                cells = {}
+                for m in p.metrics:
+                    mean, std = mean_std([v.get(m, float("nan")) for v in values]) if values else (float("nan"),) * 2
+                    cells[m] = {"mean": mean, "std": std, "n": len(values)}
+                rows.append({"protocol": p.name, "title": p.title, "row": name, "source": "ours",
+                             "trials": f"{len(done)}/{len(runs)}", "metrics": cells,
+                             "runs": [os.path.relpath(r.output_dir, self.output_dir) for r in done]})
+            for label, published in p.published.items():
+                rows.append({"protocol": p.name, "title": p.title, "row": label, "source": p.source,
+                             "trials": "", "metrics": {m: {"mean": published[m], "std": None, "n": None}
+                                                       for m in p.metrics if m in published}, "runs": []})
+        return rows
+
+    def write_table(self) -> str:
+        """Write table.md / table.csv / table.json; returns the markdown."""
+        rows = self.table()
+        md = self._markdown(rows)
+        os.makedirs(self.output_dir, exist_ok=True)
+        atomic_write(os.path.join(self.output_dir, "table.md"), lambda f: f.write(md), mode="w")
+        atomic_write(os.path.join(self.output_dir, "table.csv"), lambda f: f.write(self._csv(rows)), mode="w")
+        atomic_write(os.path.join(self.output_dir, "table.json"),
+                     lambda f: f.write(json.dumps(_nan_to_none(rows), indent=1, allow_nan=False)), mode="w")
+        return md
+
+    @staticmethod
+    def _cell(c: Dict) -> str:
+        if c is None:
+            return ""
+        mean, std, n = c["mean"], c["std"], c["n"]
+        if n == 0:
+            return "—"
+        if mean is None or not math.isfinite(mean):
+            return "n/a"
+        if n is None:  # published
+            return f"{mean:.2f}"
+        return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+    def _markdown(self, rows: List[Dict]) -> str:
+        out = io.StringIO()
+        for p in self.protocols:
+            mine = [r for r in rows if r["protocol"] == p.name]
+            out.write(f"### {p.title}\n\n`configs/{p.config}`, {self.trials_of(p)} trial(s) per checkpoint; "
+                      "mean ± sample std over trials\n\n")
+            head = ["", "source"] + list(p.metrics) + ["trials", "runs"]
+            out.write("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
+            for r in mine:
+                links = ", ".join(f"[{i + 1}]({path})" for i, path in enumerate(r["runs"]))
+                cells = [self._cell(r["metrics"].get(m)) for m in p.metrics]
+                out.write("| " + " | ".join([r["row"], r["source"]] + cells + [r["trials"], links]) + " |\n")
+            out.write("\n")
+        return out.getvalue()
+
+    @staticmethod
+    def _csv(rows: List[Dict]) -> str:
+        out = io.StringIO()
+        w = csv.writer(out)
+        w.writerow(["protocol", "row", "source", "metric", "mean", "std", "n", "runs"])
+        for r in rows:
+            for m, c in r["metrics"].items():
+                w.writerow([r["protocol"], r["row"], r["source"], m, _fmt(c["mean"]), _fmt(c["std"]),
+                            "" if c["n"] is None else c["n"], " ".join(r["runs"])])
+        return out.getvalue()
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    return f"{v:.4f}"
+
+
+def _nan_to_none(v):
+    if isinstance(v, dict):
+        return {k: _nan_to_none(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_nan_to_none(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
