@@ -50,6 +50,29 @@ def alias_cityscapesscripts() -> None:
             module.__path__ = []
             sys.modules[name] = module
     sys.meta_path.insert(0, _Alias())
+    _cityscapes_json_writer()
+
+
+def _cityscapes_json_writer() -> None:
+    """cityscapesscripts dumps its matches with ``default=o.__dict__``, which fails on the
+    NumPy scalars NumPy 2 returns (``count_nonzero``), and into the current directory.
+    Write NumPy scalars as numbers, and relative names beside the evaluator's
+    ``gtInstancesFile`` (Detectron2 puts it in its temporary folder)."""
+    import json
+    import os
+
+    import numpy as np
+
+    ev = importlib.import_module("cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling")
+
+    def write(data, file_name):
+        if not os.path.isabs(file_name) and getattr(ev.args, "gtInstancesFile", ""):
+            file_name = os.path.join(os.path.dirname(os.path.abspath(ev.args.gtInstancesFile)), file_name)
+        with open(file_name, "w") as f:
+            f.write(json.dumps(data, default=lambda o: o.item() if isinstance(o, np.generic) else o.__dict__,
+                               sort_keys=True, indent=4))
+
+    ev.writeDict2JSON = write
 
 
 def numpy_compat() -> None:

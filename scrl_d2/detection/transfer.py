@@ -177,7 +177,7 @@ class TransferSuite:
             logger.info(f"{tag}: {'submitting' if self.launcher == 'slurm' else 'running'} "
                         f"(log: {os.path.join(run.output_dir, 'log.txt')})")
             with open(os.path.join(run.output_dir, "log.txt"), "a") as log:
-                rc = subprocess.call(run.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                rc = subprocess.call(run.command, stdout=log, stderr=subprocess.STDOUT)
             if rc != 0:
                 logger.error(f"{tag}: failed with exit status {rc}; see {os.path.join(run.output_dir, 'log.txt')}")
                 state["failed"].append(run)
