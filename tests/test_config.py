@@ -38,7 +38,7 @@ def test_shipped_pretraining_configs_hold_the_release_values():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
 def test_every_shipped_config_builds_its_model(path):
     cfg = load(path)
-    if cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN":  # a detection fine-tuning config
+    if cfg.MODEL.META_ARCHITECTURE in ("GeneralizedRCNN", "RetinaNet"):  # a detection fine-tuning config
         from scrl_d2.backend import use_detectron2
 
         cfg.MODEL.DEVICE = "cpu"
@@ -46,7 +46,14 @@ def test_every_shipped_config_builds_its_model(path):
             from detectron2.modeling import build_model as build_detector
         else:
             from scrl_d2.detection.torchvision_model import build_torchvision_detector as build_detector
+            if cfg.MODEL.ROI_HEADS.NAME.startswith("Res5ROIHeads"):  # C4: Detectron2 only, refused by name
+                with pytest.raises(ValueError, match="C4 protocols .* need Detectron2"):
+                    build_detector(cfg)
+                return
         model = build_detector(cfg)
+        if cfg.MODEL.META_ARCHITECTURE == "RetinaNet":
+            assert type(model).__name__.startswith("RetinaNet")
+            return
         assert (getattr(model.roi_heads, "mask_head", None) is not None) == cfg.MODEL.MASK_ON
         return
     if cfg.MODEL.RESNETS.DEPTH == 50:  # keep it quick: the R50 graph without the 4096-wide heads

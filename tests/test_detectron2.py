@@ -208,8 +208,11 @@ def test_shipped_coco_configs_load_into_plain_detectron2(name):
     cfg.merge_from_file(os.path.join(ROOT, "configs", "coco", name))
     cfg.merge_from_list(["MODEL.DEVICE", "cpu"])
     model = build_model(cfg)
-    assert type(model).__name__ == "GeneralizedRCNN" and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
-    assert hasattr(model, "roi_heads") and (("mask" in name) == cfg.MODEL.MASK_ON)
+    assert type(model).__name__ == cfg.MODEL.META_ARCHITECTURE and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
+    assert ("mask" in name) == cfg.MODEL.MASK_ON and ("keypoint" in name) == cfg.MODEL.KEYPOINT_ON
+    if cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN":  # the paper's 2fc head, or the named 4conv1fc option
+        convs = model.roi_heads.box_head.conv_norm_relus
+        assert len(convs) == (4 if "4conv1fc" in name else 0)
 
 
 def test_demo_detection_configs_load_into_detectron2_with_add_scrl_config():
