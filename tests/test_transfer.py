@@ -46,6 +46,12 @@ def test_every_protocol_config_exists_and_publishes_only_its_metrics():
             assert f.startswith("Base") or os.path.join(sub, f) in used, f"configs/{sub}/{f} is in no protocol"
 
 
+def test_readme_guide_lists_every_protocol_with_its_config():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    for p in PROTOCOLS.values():
+        assert f"| `{p.name}` | `{p.config}` | {p.trials} |" in text, p.name
+
+
 def test_paper_protocol_is_detectron2s_2fc_head_with_syncbn_in_backbone_fpn_and_mask_head():
     c = load("coco/mask_rcnn_R_50_FPN_1x_syncbn.yaml")
     bh = c.MODEL.ROI_BOX_HEAD
@@ -308,6 +314,18 @@ def test_tool_runs_resumes_only_missing_trials_and_prints_commands(tmp_path):
                     "moco", "--launcher", "print")
     assert printed.returncode == 0 and printed.stdout.count("train_net.py") == 5 * 2 + 4 + 2
     assert not (tmp_path / "p" / "runs").exists()
+
+
+def test_demo_preset_prints_the_table_of_random_byol_and_scrl(tmp_path):
+    """`--preset demo` from nothing: pretrains BYOL and SCRL on the demo images, converts,
+    fine-tunes each checkpoint (and random init) and prints the table (runs shortened here)."""
+    r = _tool("--preset", "demo", "--output-dir", str(tmp_path / "demo"), "--trials", "1", "--", "SOLVER.MAX_ITER",
+              "2", "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "1", "TEST.PRECISE_BN.ENABLED", "False")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    for row in ("random", "byol_demo", "scrl_demo"):
+        assert r.stdout.count(f"| {row} | ours |") == 2 and f"/{row}/trial1)" in r.stdout
+    assert os.path.isfile(tmp_path / "demo" / "weights" / "scrl_demo.pkl")
+    assert "| SCRL 200ep | SCRL release README" in r.stdout
 
 
 @pytest.mark.parametrize("args,message", [

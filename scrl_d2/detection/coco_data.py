@@ -48,14 +48,15 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
     def __init__(self, name: str, train: bool, with_masks: bool, flip: bool = True,
                  filter_empty: bool = True, with_keypoints: bool = False):
         self.name = name
-        self.spec = get_dataset(name)
+        spec = get_dataset(name)  # not kept: its path functions do not pickle (spawned loader workers)
+        self.evaluator, self.split, self.year = spec.evaluator, spec.split, spec.year
         self.coco, self.image_root = _coco_api(name)
         self.cat_ids = sorted(self.coco.getCatIds())
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
         ids = sorted(self.coco.getImgIds())
-        if self.spec.keep is not None:  # a label-scarce subset: its fixed images
-            ids = [ids[i] for i in self.spec.keep(len(ids))]
+        if spec.keep is not None:  # a label-scarce subset: its fixed images
+            ids = [ids[i] for i in spec.keep(len(ids))]
         if train and filter_empty:
             ids = [i for i in ids if any(not a.get("iscrowd", 0) for a in self.coco.imgToAnns.get(i, []))]
         if not ids:

@@ -210,7 +210,7 @@ class TorchvisionDetectionTrainer:
 
     def _score(self, ds, preds, out_dir: str) -> Dict:
         """The dataset's own metric: Detectron2's VOC AP for Pascal VOC, COCO AP otherwise."""
-        if ds.spec.evaluator == "pascal_voc":
+        if ds.evaluator == "pascal_voc":
             from .miniature import VOC_CLASSES
             from .voc import voc_detection_ap
 
@@ -219,7 +219,7 @@ class TorchvisionDetectionTrainer:
                                       "score": p["score"], "box": [p["bbox"][0], p["bbox"][1],
                                                                    p["bbox"][0] + p["bbox"][2],
                                                                    p["bbox"][1] + p["bbox"][3]]} for p in preds],
-                                    ds.image_root, ds.spec.split, ds.spec.year, VOC_CLASSES)
+                                    ds.image_root, ds.split, ds.year, VOC_CLASSES)
         cfg = self.cfg
         iou_types = ["bbox"] + (["segm"] if cfg.MODEL.MASK_ON else []) + (["keypoints"] if cfg.MODEL.KEYPOINT_ON
                                                                           else [])
