@@ -32,7 +32,7 @@ from scrl_d2.engine.defaults import EXIT_BAD_INPUT, EXIT_FAILED
 # the protocol's trial count, at most DEMO_TRIALS.
 DEMO_PROTOCOLS = ("coco_faster_rcnn_R50_FPN_1x", "voc0712_faster_rcnn_R50_FPN")
 DEMO_TRIALS = 2
-DEMO_OPTS = ["SOLVER.MAX_ITER", "20", "SOLVER.STEPS", "(16,)", "SOLVER.CHECKPOINT_PERIOD", "20",
+DEMO_OPTS = ["SOLVER.MAX_ITER", "20", "SOLVER.STEPS", "(16,)", "SOLVER.CHECKPOINT_PERIOD", "20", "SOLVER.IMS_PER_BATCH", "2",
              "MODEL.DEVICE", "cpu"]
 
 
