@@ -13,7 +13,8 @@ import pytest
 from conftest import ROOT
 from scrl_d2.backend import detectron2_available
 from scrl_d2.config import config_from_args
-from scrl_d2.detection.miniature import VOC_CLASSES, make_miniature
+from scrl_d2.detection.miniature import make_miniature
+from scrl_d2.detection.voc import VOC_CLASSES
 from scrl_d2.detection.protocols import CONFIGS_DIR, PROTOCOLS, get_protocol, miniature_overrides
 from scrl_d2.detection.subsets import COCO_TRAIN2017_IMAGES, SEEDS, permutation, subset_indices, subset_size
 

@@ -32,7 +32,7 @@ def _coco_api(name: str) -> Tuple[COCO, str]:
     paths = check_dataset_files(name)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         if ds.kind == "voc":
-            from .miniature import VOC_CLASSES
+            from .voc import VOC_CLASSES
             from .voc import voc_as_coco
 
             coco = COCO()
@@ -65,6 +65,7 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         cat = self.coco.cats[self.cat_ids[0]]
         self.keypoint_names = cat.get("keypoints") if len(self.cat_ids) == 1 else None
         self.with_keypoints = with_keypoints
+        self.keypoint_flip = _flip_order(tuple(self.keypoint_names)) if self.keypoint_names else None
         if with_keypoints and not self.keypoint_names:
             raise ValueError(f"detection dataset {name!r}: MODEL.KEYPOINT_ON needs a COCO keypoints json "
                              "(one category with 'keypoints'), e.g. keypoints_coco_2017_train")
@@ -105,7 +106,7 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
             if "keypoints" in target:  # mirror x and swap left_* / right_* (COCO's flip map)
                 k = target["keypoints"].clone()
                 k[..., 0] = w - k[..., 0]
-                target["keypoints"] = k[:, _flip_order(tuple(self.keypoint_names))]
+                target["keypoints"] = k[:, self.keypoint_flip]
         return img, target
 
     @staticmethod

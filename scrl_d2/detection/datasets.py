@@ -140,7 +140,7 @@ def _point_detectron2_at(ds: DetectionDataset, paths: Dict[str, str]) -> None:
     elif ds.kind == "voc":
         from detectron2.data.datasets.pascal_voc import load_voc_instances
 
-        from .miniature import VOC_CLASSES
+        from .voc import VOC_CLASSES
 
         classes = kept.pop("thing_classes", list(VOC_CLASSES))
         DatasetCatalog.register(ds.name, lambda d=paths["dirname"], s=ds.split, c=classes: load_voc_instances(d, s, c))

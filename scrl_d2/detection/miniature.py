@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 
 from ..data.demo import generate_once
 from .synthetic import _render
+from .voc import VOC_CLASSES
 
 __all__ = ["FORMATS", "make_miniature", "COCO_PERSON_KEYPOINTS", "VOC_CLASSES"]
 
@@ -32,9 +33,6 @@ FORMATS = ("coco", "voc", "cityscapes", "lvis")
 _VERSION = "2"
 SPLITS = {"train": (24, 21), "val": (12, 22)}  # images, seed
 
-VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-               "train", "tvmonitor")
 COCO_PERSON_KEYPOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
                          "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip",
                          "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle")

@@ -211,7 +211,7 @@ class TorchvisionDetectionTrainer:
     def _score(self, ds, preds, out_dir: str) -> Dict:
         """The dataset's own metric: Detectron2's VOC AP for Pascal VOC, COCO AP otherwise."""
         if ds.evaluator == "pascal_voc":
-            from .miniature import VOC_CLASSES
+            from .voc import VOC_CLASSES
             from .voc import voc_detection_ap
 
             voc_id = {i: ds.coco.imgs[i]["voc_id"] for i in ds.coco.imgs}

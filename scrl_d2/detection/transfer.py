@@ -159,8 +159,9 @@ class TransferSuite:
         self.convert_weights()
         state: Dict[str, List[TransferRun]] = {"complete": [], "ran": [], "failed": [], "submitted": [],
                                                "printed": []}
-        todo = [r for r in self.runs() if not r.complete()]
-        done = [r for r in self.runs() if r.complete()]
+        runs = self.runs()
+        todo = [r for r in runs if not r.complete()]
+        done = [r for r in runs if r.complete()]
         state["complete"] = done
         if done:
             logger.info(f"{len(done)} run(s) already complete: skipped")

@@ -17,7 +17,11 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["read_voc_split", "voc_as_coco", "voc_detection_ap", "average_precision"]
+__all__ = ["VOC_CLASSES", "read_voc_split", "voc_as_coco", "voc_detection_ap", "average_precision"]
+
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+               "train", "tvmonitor")  # Detectron2's order (its contiguous class ids)
 
 
 @functools.lru_cache(maxsize=None)
