@@ -252,10 +252,10 @@ def test_a_stock_detectron2_config_keeps_detectron2_meaning(tmp_path):
 
     from scrl_d2.config import config_from_args
 
-    d2_root = os.path.dirname(os.path.dirname(os.path.abspath(__import__("detectron2").__file__)))
-    path = os.path.join(d2_root, "configs", "COCO-Detection", "faster_rcnn_R_50_FPN_1x.yaml")
-    if not os.path.isfile(path):
-        pytest.skip(f"Detectron2's configs are not beside its package ({path})")
+    from detectron2 import model_zoo
+
+    # where an installed Detectron2 keeps its configs (detectron2/model_zoo/configs/)
+    path = model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml")
     ref = d2_get_cfg()
     ref.merge_from_file(path)
     ours = config_from_args(path)

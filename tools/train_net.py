@@ -17,7 +17,7 @@ from datetime import timedelta
 from torch.multiprocessing import ProcessExitedException
 
 from scrl_d2.config import ConfigError, check_config, config_from_args
-from scrl_d2.detection import is_detection_config, run_finetune
+from scrl_d2.detection import check_finetune_config, is_detection_config, run_finetune
 from scrl_d2.detection.coco_eval import print_results
 from scrl_d2.engine import PretrainTrainer, default_argument_parser, default_setup, launch, run_main
 from scrl_d2.engine.defaults import EXIT_BAD_INPUT, EXIT_FAILED
@@ -89,7 +89,9 @@ def cli(argv=None) -> None:
     (see scrl_d2.engine.run_main); SCRL_D2_DEBUG=1 prints tracebacks too."""
     args = default_argument_parser().parse_args(argv)
     try:  # fail on config errors here, with a clear message, before any process starts
-        check_config(config_from_args(args.config_file, args.opts))
+        cfg = config_from_args(args.config_file, args.opts)
+        check_config(cfg)
+        check_finetune_config(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)

@@ -6,12 +6,21 @@ from . import datasets  # noqa: F401  (registers the COCO-format datasets)
 from .datasets import get_coco_json, register_coco_json
 from .synthetic import ensure_synthetic_detection
 
-__all__ = ["is_detection_config", "run_finetune", "register_coco_json", "get_coco_json", "ensure_synthetic_detection"]
+__all__ = ["is_detection_config", "check_finetune_config", "run_finetune", "register_coco_json", "get_coco_json", "ensure_synthetic_detection"]
 
 
 def is_detection_config(cfg) -> bool:
     """A Detectron2 detector config (R-CNNs and RetinaNet), as opposed to pretraining."""
     return cfg.MODEL.META_ARCHITECTURE in ("GeneralizedRCNN", "RetinaNet")
+
+
+def check_finetune_config(cfg) -> None:
+    """Before any process starts: on the torchvision path, a Detectron2 key whose value it
+    cannot honour raises ConfigError naming key and value (see ``torchvision_keys.py``)."""
+    if is_detection_config(cfg) and not use_detectron2():
+        from .torchvision_keys import check_torchvision_keys
+
+        check_torchvision_keys(cfg)
 
 
 def run_finetune(cfg, resume: bool = False, eval_only: bool = False) -> Dict:

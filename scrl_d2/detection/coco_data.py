@@ -12,6 +12,7 @@ from pycocotools.coco import COCO
 
 from ..data.datasets import ImageReadError, read_image
 from .datasets import check_dataset_files, get_dataset
+from .torchvision_model import PolygonMasks
 
 __all__ = ["CocoDetectionDataset", "collate", "build_detection_dataset", "TORCHVISION_KINDS"]
 
@@ -45,8 +46,9 @@ logger = logging.getLogger("scrl_d2.detection")
 
 
 class CocoDetectionDataset(torch.utils.data.Dataset):
-    def __init__(self, name: str, train: bool, with_masks: bool, flip: bool = True,
-                 filter_empty: bool = True, with_keypoints: bool = False):
+    def __init__(self, name: str, train: bool, with_masks: bool, flip: str = "horizontal",
+                 filter_empty: bool = True, with_keypoints: bool = False, mask_format: str = "polygon",
+                 min_keypoints: int = 0):
         self.name = name
         spec = get_dataset(name)  # not kept: its path functions do not pickle (spawned loader workers)
         self.evaluator, self.split, self.year = spec.evaluator, spec.split, spec.year
@@ -59,9 +61,19 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
             ids = [ids[i] for i in spec.keep(len(ids))]
         if train and filter_empty:
             ids = [i for i in ids if any(not a.get("iscrowd", 0) for a in self.coco.imgToAnns.get(i, []))]
+        if train and with_keypoints and min_keypoints > 0:  # Detectron2's MIN_KEYPOINTS_PER_IMAGE
+            ids = [i for i in ids if sum(sum(v > 0 for v in a.get("keypoints", [])[2::3])
+                                         for a in self.coco.imgToAnns.get(i, [])) >= min_keypoints]
         if not ids:
             raise ValueError(f"detection dataset {name!r} ({self.image_root}) has no usable images")
+        if flip not in ("horizontal", "vertical", "none"):
+            raise ValueError(f"INPUT.RANDOM_FLIP: {flip!r} is not 'horizontal', 'vertical' or 'none'")
+        if mask_format not in ("polygon", "bitmask"):
+            raise ValueError(f"INPUT.MASK_FORMAT: {mask_format!r} is not 'polygon' or 'bitmask'")
         self.ids, self.train, self.with_masks, self.flip = ids, train, with_masks, flip
+        self.mask_format = mask_format
+        # DATALOADER.ASPECT_RATIO_GROUPING's bucket per image, from the annotation's size as Detectron2
+        self.buckets = [0 if self.coco.imgs[i]["width"] > self.coco.imgs[i]["height"] else 1 for i in ids]
         cat = self.coco.cats[self.cat_ids[0]]
         self.keypoint_names = cat.get("keypoints") if len(self.cat_ids) == 1 else None
         self.with_keypoints = with_keypoints
@@ -92,21 +104,47 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
                                                          dtype=torch.int64),
                   "image_id": image_id}
         if self.with_masks and self.train:
-            masks = [self._mask(a["segmentation"], h, w) for a in anns]
-            target["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.uint8)
+            if self.mask_format == "polygon":
+                if not all(isinstance(a["segmentation"], list) for a in anns):
+                    raise ValueError(f"dataset {self.name!r}, image {path}: a mask is RLE, not polygons; "
+                                     "set INPUT.MASK_FORMAT bitmask (as Detectron2 requires)")
+                target["masks"] = PolygonMasks([a["segmentation"] for a in anns])
+            else:
+                masks = [self._mask(a["segmentation"], h, w) for a in anns]
+                target["masks"] = (torch.from_numpy(np.stack(masks)) if masks
+                                   else torch.zeros((0, h, w), dtype=torch.uint8))
         if self.with_keypoints and self.train:
-            target["keypoints"] = torch.tensor([a["keypoints"] for a in anns], dtype=torch.float32).reshape(
+            # COCO keypoints are integer pixel indices; Detectron2 adds 0.5 to make them
+            # continuous coordinates (and subtracts it again from predictions)
+            k = torch.tensor([a["keypoints"] for a in anns], dtype=torch.float32).reshape(
                 len(anns), len(self.keypoint_names), 3)
-        if self.train and self.flip and torch.rand(()) < 0.5:
-            img = img.flip(-1)
-            b = target["boxes"]
-            target["boxes"] = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], dim=1)
-            if "masks" in target:
-                target["masks"] = target["masks"].flip(-1)
-            if "keypoints" in target:  # mirror x and swap left_* / right_* (COCO's flip map)
-                k = target["keypoints"].clone()
+            k[..., :2] += 0.5
+            target["keypoints"] = k
+        if self.train and self.flip != "none" and torch.rand(()) < 0.5:
+            img, target = self._flipped(img, target, w, h)
+        return img, target
+
+    def _flipped(self, img: torch.Tensor, target: Dict, w: int, h: int) -> Tuple[torch.Tensor, Dict]:
+        """Detectron2's RandomFlip: horizontal mirrors x and swaps left_* / right_*
+        keypoints (COCO's flip map); vertical mirrors y."""
+        b = target["boxes"]
+        horizontal = self.flip == "horizontal"
+        img = img.flip(-1 if horizontal else -2)
+        target["boxes"] = (torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], dim=1) if horizontal
+                           else torch.stack([b[:, 0], h - b[:, 3], b[:, 2], h - b[:, 1]], dim=1))
+        m = target.get("masks")
+        if isinstance(m, PolygonMasks):
+            target["masks"] = m.flip(width=w) if horizontal else m.flip(height=h)
+        elif m is not None:
+            target["masks"] = m.flip(-1 if horizontal else -2)
+        if "keypoints" in target:
+            k = target["keypoints"].clone()
+            if horizontal:
                 k[..., 0] = w - k[..., 0]
-                target["keypoints"] = k[:, self.keypoint_flip]
+                k = k[:, self.keypoint_flip]
+            else:
+                k[..., 1] = h - k[..., 1]
+            target["keypoints"] = k
         return img, target
 
     @staticmethod
@@ -136,6 +174,7 @@ def build_detection_dataset(names, train: bool, **kwargs) -> torch.utils.data.Da
         return parts[0]
     cat = torch.utils.data.ConcatDataset(parts)
     cat.class_names, cat.cat_to_label = parts[0].class_names, parts[0].cat_to_label
+    cat.buckets = [b for p in parts for b in p.buckets]
     return cat
 
 

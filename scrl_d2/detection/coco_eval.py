@@ -40,7 +40,10 @@ def predictions_to_coco(outputs: List[Dict], image_ids: List[int], label_to_cat:
             masks = [mask_utils.encode(np.asfortranarray(m)) for m in binary]
             for m in masks:
                 m["counts"] = m["counts"].decode("ascii")
-        kps = out["keypoints"].float().cpu() if "keypoints" in out else None
+        kps = None
+        if "keypoints" in out:  # back to COCO's integer-pixel convention, as Detectron2's evaluator
+            kps = out["keypoints"].float().cpu().clone()
+            kps[..., :2] -= 0.5
         for k in range(len(scores)):
             r = {"image_id": int(image_id), "category_id": label_to_cat[labels[k]], "bbox": xywh[k],
                  "score": scores[k]}
@@ -53,8 +56,9 @@ def predictions_to_coco(outputs: List[Dict], image_ids: List[int], label_to_cat:
 
 
 def evaluate_predictions(coco_gt, results: List[Dict], iou_types: List[str], class_names: List[str],
-                         output_dir: str = "") -> Dict[str, Dict[str, float]]:
-    """COCOeval per IoU type; NaN where there is nothing to evaluate, as Detectron2."""
+                         output_dir: str = "", kpt_oks_sigmas=()) -> Dict[str, Dict[str, float]]:
+    """COCOeval per IoU type; NaN where there is nothing to evaluate, as Detectron2.
+    ``kpt_oks_sigmas`` (TEST.KEYPOINT_OKS_SIGMAS): keypoint OKS sigmas, COCO's when empty."""
     if output_dir and comm.is_main_process():
         atomic_write(os.path.join(output_dir, "coco_instances_results.json"), lambda f: f.write(json.dumps(results)),
                      mode="w")
@@ -68,6 +72,12 @@ def evaluate_predictions(coco_gt, results: List[Dict], iou_types: List[str], cla
         with contextlib.redirect_stdout(io.StringIO()) as buf:
             dt = coco_gt.loadRes(results)
             ev = COCOeval(coco_gt, dt, iou_type)
+            if iou_type == "keypoints" and len(kpt_oks_sigmas):
+                n = next((len(a["keypoints"]) // 3 for a in coco_gt.dataset["annotations"] if "keypoints" in a), 0)
+                if len(kpt_oks_sigmas) != n:
+                    raise ValueError(f"TEST.KEYPOINT_OKS_SIGMAS has {len(kpt_oks_sigmas)} values; the dataset's "
+                                     f"keypoints number {n}")
+                ev.params.kpt_oks_sigmas = np.array(kpt_oks_sigmas)
             ev.evaluate()
             ev.accumulate()
             ev.summarize()

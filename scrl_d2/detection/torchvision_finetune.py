@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import time
-from typing import Dict, Iterator
+from typing import Dict, Iterator, List
 
 import torch
 
@@ -27,13 +27,34 @@ logger = logging.getLogger("scrl_d2.detection")
 
 
 def lr_at(cfg, it: int) -> float:
-    """Detectron2's WarmupMultiStepLR: linear warm-up from WARMUP_FACTOR, x GAMMA at each STEP."""
+    """Detectron2's WarmupMultiStepLR: warm-up from WARMUP_FACTOR (linear or constant),
+    x GAMMA at each STEP."""
     s = cfg.SOLVER
     factor = s.GAMMA ** sum(1 for step in s.STEPS if it >= step)
     if it < s.WARMUP_ITERS:
-        alpha = it / s.WARMUP_ITERS
-        factor *= s.WARMUP_FACTOR * (1 - alpha) + alpha
+        if s.WARMUP_METHOD == "constant":
+            factor *= s.WARMUP_FACTOR
+        else:
+            alpha = it / s.WARMUP_ITERS
+            factor *= s.WARMUP_FACTOR * (1 - alpha) + alpha
     return s.BASE_LR * factor
+
+
+def param_groups(model: torch.nn.Module, cfg) -> List[Dict]:
+    """Detectron2's default optimizer groups (``get_default_optimizer_params``): norm
+    layers' parameters take WEIGHT_DECAY_NORM, every bias BASE_LR x BIAS_LR_FACTOR; frozen
+    ones are left out."""
+    s = cfg.SOLVER
+    norm_types = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+    groups: Dict[tuple, List] = {}
+    for m in model.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            wd = s.WEIGHT_DECAY_NORM if isinstance(m, norm_types) else s.WEIGHT_DECAY
+            lr_factor = s.BIAS_LR_FACTOR if name == "bias" else 1.0
+            groups.setdefault((wd, lr_factor), []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr_factor": f} for (wd, f), ps in groups.items()]
 
 
 class _Infinite(torch.utils.data.Sampler):
@@ -49,6 +70,24 @@ class _Infinite(torch.utils.data.Sampler):
             yield from torch.randperm(self.size, generator=g)[self.rank::self.world].tolist()
 
 
+class _AspectRatioGrouped(torch.utils.data.Sampler):
+    """Detectron2's ASPECT_RATIO_GROUPING: indices from ``sampler`` go to one of two
+    buckets (landscape w > h, or not); a bucket that fills is the next batch. Batches then
+    pad to similar shapes."""
+
+    def __init__(self, sampler, buckets: List[int], batch_size: int):
+        self.sampler, self.buckets, self.batch_size = sampler, buckets, batch_size
+
+    def __iter__(self) -> Iterator[List[int]]:
+        pending: List[List[int]] = [[], []]
+        for i in self.sampler:
+            bucket = pending[self.buckets[i]]
+            bucket.append(i)
+            if len(bucket) == self.batch_size:
+                yield bucket[:]
+                bucket.clear()
+
+
 class TorchvisionDetectionTrainer:
     def __init__(self, cfg):
         self.cfg = cfg
@@ -56,16 +95,9 @@ class TorchvisionDetectionTrainer:
         self.world = comm.get_world_size()
         model = build_torchvision_detector(cfg)  # SyncBN also synchronises CPU processes (gloo)
         self.model = model.to(self.device)
-        params = {"default": [], "norm": []}
-        norm_types = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm)
-        for m in model.modules():
-            for _, p in m.named_parameters(recurse=False):
-                if p.requires_grad:
-                    params["norm" if isinstance(m, norm_types) else "default"].append(p)
         s = cfg.SOLVER
-        self.optimizer = torch.optim.SGD(
-            [{"params": params["default"]}, {"params": params["norm"], "weight_decay": s.WEIGHT_DECAY_NORM}],
-            lr=s.BASE_LR, momentum=s.MOMENTUM, weight_decay=s.WEIGHT_DECAY, nesterov=s.NESTEROV)
+        self.optimizer = torch.optim.SGD(param_groups(model, cfg), lr=s.BASE_LR, momentum=s.MOMENTUM,
+                                         weight_decay=s.WEIGHT_DECAY, nesterov=s.NESTEROV)
         self.dtype = amp_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.dtype == torch.float16 and self.device.type == "cuda")
@@ -96,8 +128,10 @@ class TorchvisionDetectionTrainer:
     def _loader(self, names, train: bool):
         cfg = self.cfg
         ds = build_detection_dataset(names, train=train, with_masks=cfg.MODEL.MASK_ON,
-                                     with_keypoints=cfg.MODEL.KEYPOINT_ON, flip=cfg.INPUT.RANDOM_FLIP != "none",
-                                     filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+                                     with_keypoints=cfg.MODEL.KEYPOINT_ON, flip=cfg.INPUT.RANDOM_FLIP,
+                                     filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+                                     mask_format=cfg.INPUT.MASK_FORMAT,
+                                     min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE)
         workers = cfg.DATALOADER.NUM_WORKERS
         key, classes = (("MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES)
                         if cfg.MODEL.META_ARCHITECTURE == "RetinaNet"
@@ -107,9 +141,13 @@ class TorchvisionDetectionTrainer:
                              "classes")
         if train:
             sampler = _Infinite(len(ds), cfg.SEED if cfg.SEED >= 0 else 0, self.start_iter)
-            return ds, torch.utils.data.DataLoader(ds, batch_size=cfg.SOLVER.IMS_PER_BATCH // self.world,
-                                                   sampler=sampler, num_workers=workers, collate_fn=collate,
-                                                   pin_memory=self.device.type == "cuda")
+            per_process = cfg.SOLVER.IMS_PER_BATCH // self.world
+            if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
+                batches = _AspectRatioGrouped(sampler, ds.buckets, per_process)
+            else:
+                batches = torch.utils.data.BatchSampler(sampler, per_process, drop_last=False)
+            return ds, torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers,
+                                                   collate_fn=collate, pin_memory=self.device.type == "cuda")
         shard = list(range(comm.get_rank(), len(ds), self.world))
         return ds, torch.utils.data.DataLoader(torch.utils.data.Subset(ds, shard), batch_size=1, shuffle=False,
                                                num_workers=workers, collate_fn=collate)
@@ -143,7 +181,7 @@ class TorchvisionDetectionTrainer:
         for it in range(self.start_iter, max_iter):
             lr = lr_at(cfg, it)
             for g in self.optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g["lr_factor"]
             images, targets = next(data)
             images = [im.to(self.device, non_blocking=True).float() / 255.0 for im in images]
             targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
@@ -223,7 +261,8 @@ class TorchvisionDetectionTrainer:
         cfg = self.cfg
         iou_types = ["bbox"] + (["segm"] if cfg.MODEL.MASK_ON else []) + (["keypoints"] if cfg.MODEL.KEYPOINT_ON
                                                                           else [])
-        return evaluate_predictions(ds.coco, preds, iou_types, ds.class_names, out_dir)
+        return evaluate_predictions(ds.coco, preds, iou_types, ds.class_names, out_dir,
+                                    kpt_oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS)
 
     @torch.no_grad()
     def evaluate(self, tag: str = "eval") -> Dict:
@@ -231,8 +270,6 @@ class TorchvisionDetectionTrainer:
         self._precise_bn()
         model = self.model
         model.eval()
-        train_sizes = (model.transform.min_size, model.transform.max_size)
-        model.transform.min_size, model.transform.max_size = (cfg.INPUT.MIN_SIZE_TEST,), cfg.INPUT.MAX_SIZE_TEST
         all_results: Dict = {}
         try:
             for name in cfg.DATASETS.TEST:
@@ -256,7 +293,6 @@ class TorchvisionDetectionTrainer:
                                                                      if m in r))
             all_results = comm.broadcast_object(all_results)
         finally:
-            model.transform.min_size, model.transform.max_size = train_sizes
             model.train()
         flat = all_results[cfg.DATASETS.TEST[0]] if len(cfg.DATASETS.TEST) == 1 else all_results
         if comm.is_main_process() and flat:
