@@ -1,5 +1,9 @@
+import importlib.util
 import os
+import re
+import shutil
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -22,13 +26,24 @@ def make_image_folder(path: str, n: int = 48, seed: int = 0, classes: bool = Tru
     return path
 
 
-@pytest.fixture(scope="session")
-def image_folder(tmp_path_factory) -> str:
-    return make_image_folder(str(tmp_path_factory.mktemp("imgs")))
+def remove_unless_failed(request, path) -> None:
+    """A fixture's teardown for its ``tmp_path_factory`` folder: removed as pytest removes a
+    passing test's ``tmp_path`` (pytest.ini: tmp_path_retention_policy = failed), kept when
+    a test of the session has failed so far (for the post-mortem) or the policy is "all"."""
+    policy = request.config.getini("tmp_path_retention_policy")
+    if policy == "none" or (policy == "failed" and not request.session.testsfailed):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def batch_scale_folder(tmp_path_factory) -> str:
+def image_folder(tmp_path_factory, request) -> str:
+    path = tmp_path_factory.mktemp("imgs")
+    yield make_image_folder(str(path))
+    remove_unless_failed(request, path)
+
+
+@pytest.fixture(scope="session")
+def batch_scale_folder(tmp_path_factory, request) -> str:
     """544 small JPEGs (random sizes, 40-64 px): two processes x the shipped 256 images
     per process, with tiny images so a real-batch step stays within seconds on CPU."""
     from PIL import Image
@@ -40,7 +55,8 @@ def batch_scale_folder(tmp_path_factory) -> str:
         blocks = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
         img = Image.fromarray(blocks).resize((int(w), int(h)), Image.BILINEAR)
         img.save(os.path.join(path, f"{i:04d}.jpg"), quality=85)
-    return path
+    yield path
+    remove_unless_failed(request, path)
 
 
 # The shipped pretraining configs shrunk only where it costs time: ResNet-18, small heads,
@@ -100,3 +116,164 @@ def tiny_opts(train: str, out: str, arch: str = "SCRL"):
         opts += [k, repr(v) if isinstance(v, (tuple, str)) and k != "OUTPUT_DIR" and k != "MODEL.DEVICE"
                  and k != "MODEL.META_ARCHITECTURE" else str(v)]
     return opts
+
+
+# ---------------------------------------------------------------------------- disk footprint
+# The disk use under pytest's temporary folder (the basetemp: every tmp_path and
+# tmp_path_factory folder), sampled every FOOTPRINT_PERIOD s by a thread and after each
+# test's call (before its teardown removes its tmp_path); the terminal summary prints
+#   tmp_path footprint: peak <size> (<bytes> bytes) during <nodeid>; left after the session
+#     <size> (<bytes> bytes) in <basetemp>                                   (one line)
+#   tmp_path footprint: largest tests: <size> <nodeid>, ...    (the 5 largest peaks, each
+#     the whole basetemp while that test ran: its tmp_path and the fixtures' folders then)
+FOOTPRINT_PERIOD = 0.5
+_scandir = os.scandir  # bound now: a test that monkeypatches os.scandir does not see the sampling thread
+
+
+def disk_use(root) -> int:
+    """Bytes allocated under ``root`` (as ``du``: st_blocks, hard links once, symlinks not followed)."""
+    total, seen, stack = 0, set(), [str(root)]
+    while stack:
+        try:
+            it = _scandir(stack.pop())
+        except OSError:  # removed meanwhile, or unreadable
+            continue
+        with it:
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                    is_dir = e.is_dir(follow_symlinks=False)
+                except OSError:
+                    continue
+                if is_dir:
+                    stack.append(e.path)
+                elif st.st_nlink > 1:
+                    if (st.st_dev, st.st_ino) in seen:
+                        continue
+                    seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+class _Footprint:
+    def __init__(self, config):
+        self.config = config
+        self.lock = threading.Lock()
+        self.peak, self.peak_test, self.per_test, self.test = 0, "", {}, ""
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="tmp-footprint", daemon=True)
+
+    def basetemp(self):
+        factory = getattr(self.config, "_tmp_path_factory", None)
+        return getattr(factory, "_basetemp", None)  # None until a test asks for a temporary folder
+
+    def sample(self) -> None:
+        base = self.basetemp()
+        if base is None:
+            return
+        n = disk_use(base)
+        with self.lock:
+            if n > self.peak:
+                self.peak, self.peak_test = n, self.test
+            if self.test and n > self.per_test.get(self.test, -1):
+                self.per_test[self.test] = n
+
+    def _run(self) -> None:
+        while not self.stop.wait(FOOTPRINT_PERIOD):
+            try:
+                self.sample()
+            except Exception:  # never disturb the session
+                pass
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # not in a pytest-xdist worker
+        config._scrl_footprint = _Footprint(config)
+        config._scrl_footprint.thread.start()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    fp = getattr(item.config, "_scrl_footprint", None)
+    if fp is not None:
+        with fp.lock:
+            fp.test = item.nodeid
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After the test's call, before its fixtures' teardown removes their folders."""
+    fp = getattr(item.config, "_scrl_footprint", None)
+    if fp is not None:
+        fp.sample()
+
+
+def pytest_unconfigure(config):
+    fp = getattr(config, "_scrl_footprint", None)
+    if fp is not None:
+        fp.stop.set()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    _report_false_skips(terminalreporter)
+    fp = getattr(config, "_scrl_footprint", None)
+    if fp is None:
+        return
+    fp.stop.set()
+    fp.thread.join(timeout=5)
+    base = fp.basetemp()
+    if base is None:
+        terminalreporter.write_line("tmp_path footprint: no temporary folder was used")
+        return
+    left = disk_use(base) if os.path.isdir(base) else 0
+    terminalreporter.write_line(
+        f"tmp_path footprint: peak {_human(fp.peak)} ({fp.peak} bytes) during {fp.peak_test or '-'}; "
+        f"left after the session {_human(left)} ({left} bytes) in {base}")
+    largest = sorted(fp.per_test.items(), key=lambda kv: -kv[1])[:5]
+    if largest:
+        terminalreporter.write_line("tmp_path footprint: largest tests: "
+                                    + ", ".join(f"{_human(n)} {t}" for t, n in largest))
+
+
+# ---------------------------------------------------------------------------- optional dependencies
+# A test that skips because Detectron2, cityscapesscripts or lvis "is not installed" while it
+# is installed fails the session: a broken Detectron2 path must not land green (CI installs
+# all three; see README "Tests and CI"). Skip reasons name the package: "<name> is not installed".
+_OPTIONAL = {"detectron2": "detectron2", "cityscapesscripts": "cityscapesscripts", "lvis": "lvis"}
+_MISSING = re.compile(r"\b(detectron2|cityscapesscripts|lvis) is not installed", re.IGNORECASE)
+
+
+def _installed(name: str) -> bool:
+    if name == "detectron2":
+        from scrl_d2.backend import detectron2_available
+
+        return detectron2_available()
+    return importlib.util.find_spec(_OPTIONAL[name]) is not None
+
+
+def pytest_runtest_logreport(report):
+    if not report.skipped or not isinstance(report.longrepr, tuple):
+        return
+    m = _MISSING.search(str(report.longrepr[2]))
+    if m and _installed(m.group(1).lower()):
+        _FALSE_SKIPS.append(f"{report.nodeid}: {report.longrepr[2]}")
+
+
+_FALSE_SKIPS: list = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _FALSE_SKIPS:
+        session.exitstatus = 1
+
+
+def _report_false_skips(terminalreporter) -> None:
+    for line in _FALSE_SKIPS:
+        terminalreporter.write_line(f"error: skipped although installed: {line}", red=True)

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, tiny_opts
+from conftest import ROOT, remove_unless_failed, tiny_opts
 from test_detection import DEMO, FAST, datasets_env, r18_weights  # noqa: F401  (fixtures)
 from test_engine import assert_same_weights, model_state
 
@@ -82,12 +82,18 @@ def _procs(env_key, env_value=None, cmd_has=""):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, image_folder):
+def reference(tmp_path_factory, image_folder, request):
     """An uninterrupted 2-process run through train_net's own launcher."""
-    out = str(tmp_path_factory.mktemp("cluster") / "reference")
+    root = tmp_path_factory.mktemp("cluster")
+    out = str(root / "reference")
     rc, so, se = _run([sys.executable, TRAIN_NET, "--num-gpus", "2", *_opts(image_folder, out)])
     assert rc == 0, se[-3000:]
-    return model_state(os.path.join(out, "checkpoint_2.pth"))
+    state = model_state(os.path.join(out, "checkpoint_2.pth"))
+    for f in os.listdir(out):  # the weights are in memory: its checkpoints (270 MB) need not stay (the logs do)
+        if f.endswith(".pth"):
+            os.remove(os.path.join(out, f))
+    yield state
+    remove_unless_failed(request, root)
 
 
 def test_torchrun_workers_agree_and_equal_the_launcher(tmp_path, image_folder, reference):

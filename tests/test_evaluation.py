@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from conftest import make_image_folder, tiny_opts
+from conftest import make_image_folder, remove_unless_failed, tiny_opts
 from scrl_d2.evaluation import knn_classify, knn_top1
 from test_engine import run_cli
 
@@ -33,14 +33,16 @@ def test_knn_weights_votes_by_similarity():
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, image_folder):
+def pretrained(tmp_path_factory, image_folder, request):
     """A briefly pretrained SCRL checkpoint (ResNet-18, 64 px) and a labelled test split."""
     root = tmp_path_factory.mktemp("le")
     test_dir = make_image_folder(str(root / "test"), n=32, seed=5)
     out = str(root / "pre")
     run_cli(*tiny_opts(f"classes:{image_folder}", out), "LINEAR_EVAL.ENABLED", "False")
-    return {"ckpt": os.path.join(out, "checkpoint_2.pth"), "train": f"classes:{image_folder}",
-            "test": f"classes:{test_dir}", "root": str(root)}
+    os.remove(os.path.join(out, "checkpoint_1.pth"))  # only the last is used: 135 MB less for the module
+    yield {"ckpt": os.path.join(out, "checkpoint_2.pth"), "train": f"classes:{image_folder}",
+           "test": f"classes:{test_dir}", "root": str(root)}
+    remove_unless_failed(request, root)
 
 
 def _eval_opts(p, out, weights):

@@ -165,6 +165,7 @@ def test_iteration_checkpoints_resume_mid_epoch_to_the_same_weights(tmp_path, im
     # second epoch's mean is below the first's (single steps are too noisy to compare)
     losses = [v for v, _ in t.storage.history("loss").values()]
     assert len(losses) == 12 and sum(losses[6:]) < sum(losses[:6]), losses
+    os.remove(os.path.join(straight.OUTPUT_DIR, "checkpoint_1.pth"))  # only checkpoint_2 is compared (disk)
     cfg = tiny_cfg(data, out=str(tmp_path / "split"))
     cfg.merge_from_list(["SOLVER.CHECKPOINT_PERIOD", "4", "SOLVER.CHECKPOINT_MAX_TO_KEEP", "1"])
     _trainer(cfg).train()
@@ -178,7 +179,8 @@ def test_iteration_checkpoints_resume_mid_epoch_to_the_same_weights(tmp_path, im
     os.makedirs(killed)
     for f in ("model_0000007.pth", "checkpoint_1.pth", "config.yaml"):
         if os.path.exists(os.path.join(d, f)):
-            shutil.copy(os.path.join(d, f), killed)
+            shutil.move(os.path.join(d, f), killed)  # moved, not copied: the split run is not read again (disk)
+    shutil.rmtree(d)
     with open(os.path.join(killed, "last_checkpoint"), "w") as f:
         f.write("model_0000007.pth")
     cfg2 = tiny_cfg(data, out=killed)

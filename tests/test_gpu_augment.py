@@ -3,7 +3,7 @@ parameters and box pairs as the PIL path, nearly the same pixels."""
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import remove_unless_failed, tiny_cfg
 from PIL import Image
 
 from scrl_d2.data import DatasetCatalog, PretrainDataset, TwoViewAugmentation
@@ -16,7 +16,7 @@ OFF = ["INPUT.COLOR_JITTER_PROB", "0.0", "INPUT.GRAYSCALE_PROB", "0.0", "INPUT.B
 
 
 @pytest.fixture(scope="module")
-def jpeg_folder(tmp_path_factory):
+def jpeg_folder(tmp_path_factory, request):
     d = tmp_path_factory.mktemp("jpegs")
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:375, 0:500]
@@ -25,7 +25,8 @@ def jpeg_folder(tmp_path_factory):
         arr = (arr * 0.6 + rng.integers(0, 100, arr.shape)).astype(np.uint8)
         Image.fromarray(arr).save(d / f"{i}.jpg", quality=92)
     Image.fromarray(arr[:200, :300]).save(d / "png_one.png")  # not a JPEG: decoded by the worker
-    return d
+    yield d
+    remove_unless_failed(request, d)
 
 
 def both_paths(folder, opts, n=7):

@@ -9,7 +9,7 @@ import stat
 import pytest
 import torch
 
-from conftest import make_image_folder, tiny_cfg, tiny_opts
+from conftest import make_image_folder, remove_unless_failed, tiny_cfg, tiny_opts
 from test_engine import assert_same_weights, model_state, run_cli
 
 LE_FAST = ["LINEAR_EVAL.EPOCHS", "2", "LINEAR_EVAL.WARMUP_EPOCHS", "0", "LINEAR_EVAL.IMS_PER_GPU", "8",
@@ -17,8 +17,10 @@ LE_FAST = ["LINEAR_EVAL.EPOCHS", "2", "LINEAR_EVAL.WARMUP_EPOCHS", "0", "LINEAR_
 
 
 @pytest.fixture(scope="module")
-def test_split(tmp_path_factory):
-    return f"classes:{make_image_folder(str(tmp_path_factory.mktemp('test_split')), n=24, seed=5)}"
+def test_split(tmp_path_factory, request):
+    d = tmp_path_factory.mktemp("test_split")
+    yield f"classes:{make_image_folder(str(d), n=24, seed=5)}"
+    remove_unless_failed(request, d)
 
 
 def evaluating(image_folder, test_split, out):
@@ -88,6 +90,8 @@ def test_interruption_between_checkpoint_and_evaluation_keeps_the_record(tmp_pat
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     no_le = ["LINEAR_EVAL.ENABLED", "False", "KNN.PERIOD", "0", "SOLVER.EPOCHS", "3"]
     run_cli(*evaluating(image_folder, test_split, straight), *no_le)
+    for f in glob.glob(os.path.join(straight, "checkpoint_[0-9]*.pth")):  # only its checkpoint_best is read (disk)
+        os.remove(f)
     run_cli(*evaluating(image_folder, test_split, split), *no_le, "SOLVER.MAX_ITER", "12")  # stop after epoch 2
     first = json.load(open(os.path.join(split, "probe_eval.json")))
     assert [h["epoch"] for h in first] == [1, 2]

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import remove_unless_failed, tiny_cfg
 
 from scrl_d2.engine.trainer import PretrainTrainer
 
@@ -24,13 +24,15 @@ def _losses(cfg, state, batches):
 
 
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory, image_folder):
-    cfg = tiny_cfg(f"classes:{image_folder}", out=str(tmp_path_factory.mktemp("plain")))
+def plain(tmp_path_factory, image_folder, request):
+    d = tmp_path_factory.mktemp("plain")
+    cfg = tiny_cfg(f"classes:{image_folder}", out=str(d))
     trainer = PretrainTrainer(cfg)
     state = copy.deepcopy(trainer.model.state_dict())
     it = iter(trainer.loader)
     batches = [next(it) for _ in range(STEPS)]
-    return cfg, state, batches, _losses(cfg, state, batches)
+    yield cfg, state, batches, _losses(cfg, state, batches)
+    remove_unless_failed(request, d)
 
 
 @pytest.mark.parametrize("opts,rtol", [
