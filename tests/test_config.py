@@ -10,6 +10,8 @@ from scrl_d2.modeling import build_model
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 
+pytestmark = pytest.mark.plain  # the configs of a plain install (no Detectron2)
+
 
 def load(path):
     return config_from_args(path)  # as tools/train_net.py loads it

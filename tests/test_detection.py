@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, remove_unless_failed
 from scrl_d2.backend import detectron2_available
 from test_convert import ours_checkpoint, tv_resnet
 from test_engine import run_cli
@@ -20,18 +20,21 @@ needs_d2 = pytest.mark.skipif(not detectron2_available(),
 
 
 @pytest.fixture(scope="module")
-def datasets_env(tmp_path_factory):
-    return {"SCRL_DATASETS": str(tmp_path_factory.mktemp("det_data"))}
+def datasets_env(tmp_path_factory, request):
+    d = tmp_path_factory.mktemp("det_data")
+    yield {"SCRL_DATASETS": str(d)}
+    remove_unless_failed(request, d)
 
 
 @pytest.fixture(scope="module")
-def r18_weights(tmp_path_factory):
+def r18_weights(tmp_path_factory, request):
     d = tmp_path_factory.mktemp("w")
     torch.save(ours_checkpoint(tv_resnet(18)), d / "pretrain.pth")
     from scrl_d2.checkpoint.convert import convert_checkpoint
 
     convert_checkpoint(str(d / "pretrain.pth"), str(d / "r18.pkl"))
-    return str(d / "r18.pkl")
+    yield str(d / "r18.pkl")
+    remove_unless_failed(request, d)
 
 
 def strict_json(path):
@@ -49,7 +52,8 @@ def _finite(results, tasks):
             assert math.isfinite(results[t][m]), (t, m, results[t])
 
 
-@pytest.mark.parametrize("backend", ["torchvision", pytest.param("detectron2", marks=needs_d2)])
+@pytest.mark.parametrize("backend", [pytest.param("torchvision", marks=pytest.mark.plain),
+                                     pytest.param("detectron2", marks=needs_d2)])
 def test_faster_rcnn_finetunes_evaluates_and_resumes(tmp_path, datasets_env, r18_weights, backend):
     env = {**datasets_env, "SCRL_D2_BACKEND": backend}
     out = str(tmp_path / "ft")

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, remove_unless_failed
 from scrl_d2.backend import detectron2_available
 from scrl_d2.config import config_from_args
 from scrl_d2.detection.miniature import make_miniature
@@ -27,8 +27,10 @@ SHORT = ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", 
 
 
 @pytest.fixture(scope="module")
-def mini(tmp_path_factory):
-    return make_miniature(str(tmp_path_factory.mktemp("mini")))
+def mini(tmp_path_factory, request):
+    d = tmp_path_factory.mktemp("mini")
+    yield make_miniature(str(d))
+    remove_unless_failed(request, d)
 
 
 def load(rel):
@@ -192,7 +194,7 @@ def test_protocol_runs_on_its_miniature_dataset(mini, tmp_path, monkeypatch, nam
     if backend == "detectron2" and "cityscapes" in name and not importlib.util.find_spec("cityscapesscripts"):
         pytest.skip("cityscapesscripts is not installed")
     if backend == "detectron2" and "lvis" in name and not importlib.util.find_spec("lvis"):
-        pytest.skip("the lvis package is not installed")
+        pytest.skip("lvis is not installed")
     monkeypatch.setenv("SCRL_D2_BACKEND", backend)
     from scrl_d2.detection import run_finetune
 
@@ -207,6 +209,7 @@ def test_protocol_runs_on_its_miniature_dataset(mini, tmp_path, monkeypatch, nam
         assert metric in res[task], (m, res)
 
 
+@pytest.mark.plain
 @pytest.mark.parametrize("name", ["voc0712_faster_rcnn_R50_C4_24k", "lvis_v1_mask_rcnn_R50_FPN_1x",
                                   "cityscapes_mask_rcnn_R50_FPN"])
 def test_torchvision_path_refuses_detectron2_only_protocols_naming_what_to_install(mini, tmp_path, monkeypatch,
@@ -320,8 +323,11 @@ def test_tool_runs_resumes_only_missing_trials_and_prints_commands(tmp_path):
 def test_demo_preset_prints_the_table_of_random_byol_and_scrl(tmp_path):
     """`--preset demo` from nothing: pretrains BYOL and SCRL on the demo images, converts,
     fine-tunes each checkpoint (and random init) and prints the table (runs shortened here)."""
+    # narrow FPN and box head (the backbone stays the pretrained ResNet-18): each of the six
+    # fine-tuned model_final.pth is ~95 MB instead of ~230 MB
     r = _tool("--preset", "demo", "--output-dir", str(tmp_path / "demo"), "--trials", "1", "--", "SOLVER.MAX_ITER",
-              "2", "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "1", "TEST.PRECISE_BN.ENABLED", "False")
+              "2", "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "1", "TEST.PRECISE_BN.ENABLED", "False",
+              "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.ROI_BOX_HEAD.FC_DIM", "64")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     for row in ("random", "byol_demo", "scrl_demo"):
         assert r.stdout.count(f"| {row} | ours |") == 2 and f"/{row}/trial1)" in r.stdout
