@@ -9,6 +9,8 @@ import importlib.util
 import os
 import warnings
 
+from .config import ConfigError
+
 __all__ = ["detectron2_available", "use_detectron2", "backend_name"]
 
 
@@ -26,16 +28,24 @@ def detectron2_available() -> bool:
     return True
 
 
-def use_detectron2() -> bool:
+def use_detectron2(quiet: bool = False) -> bool:
+    """``quiet``: for choices made while modules import, a bad SCRL_D2_BACKEND means the
+    torchvision path there; the command line then reports it (one line, exit 2)."""
+    if quiet:
+        try:
+            return use_detectron2()
+        except ConfigError:
+            return False
     choice = os.environ.get("SCRL_D2_BACKEND", "auto").lower()
     if choice == "torchvision":
         return False
     if choice == "detectron2":
         if not detectron2_available():
-            raise ImportError("SCRL_D2_BACKEND=detectron2 but Detectron2 is not installed (or does not import)")
+            raise ConfigError("SCRL_D2_BACKEND=detectron2 but Detectron2 is not installed (or does not import); "
+                              "install it (see README, 'Detectron2 backend') or unset SCRL_D2_BACKEND")
         return True
     if choice != "auto":
-        raise ValueError(f"SCRL_D2_BACKEND: {choice!r} is not 'auto', 'detectron2' or 'torchvision'")
+        raise ConfigError(f"SCRL_D2_BACKEND: {choice!r} is not 'auto', 'detectron2' or 'torchvision'")
     return detectron2_available()
 
 

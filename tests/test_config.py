@@ -1,5 +1,6 @@
 import glob
 import os
+import re
 
 import pytest
 
@@ -48,8 +49,13 @@ def test_every_shipped_config_builds_its_model(path):
             from detectron2.modeling import build_model as build_detector
         else:
             from scrl_d2.detection.torchvision_model import build_torchvision_detector as build_detector
-            if cfg.MODEL.ROI_HEADS.NAME.startswith("Res5ROIHeads"):  # C4: Detectron2 only, refused by name
-                with pytest.raises(ValueError, match="C4 protocols .* need Detectron2"):
+
+            # Detectron2-only protocols (C4 heads; LVIS's repeat-factor sampler): refused by name
+            refused = ("MODEL.BACKBONE.NAME: 'build_resnet_backbone'" if cfg.MODEL.BACKBONE.NAME == "build_resnet_backbone"
+                       else "DATALOADER.SAMPLER_TRAIN: 'RepeatFactorTrainingSampler'"
+                       if cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler" else None)
+            if refused:
+                with pytest.raises(ConfigError, match=re.escape(refused) + ".*only the Detectron2 path supports it"):
                     build_detector(cfg)
                 return
         model = build_detector(cfg)

@@ -138,7 +138,7 @@ def list_epoch_checkpoints(directory: str) -> List[str]:
 def _base_checkpointer():
     from ..backend import use_detectron2
 
-    if use_detectron2():
+    if use_detectron2(quiet=True):  # at import: a bad SCRL_D2_BACKEND is the command line's to report
         from detectron2.checkpoint import DetectionCheckpointer
 
         return DetectionCheckpointer

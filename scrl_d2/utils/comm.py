@@ -94,7 +94,7 @@ def _use_detectron2_comm() -> None:
     the per-machine process group in ``detectron2.utils.comm``: use its functions."""
     from ..backend import use_detectron2
 
-    if not use_detectron2():
+    if not use_detectron2(quiet=True):  # at import: a bad SCRL_D2_BACKEND is the command line's to report
         return
     from detectron2.utils import comm as d2
 
