@@ -16,7 +16,8 @@ from scrl_d2.config import ConfigError
 from scrl_d2.config.detection_defaults import detection_defaults
 from scrl_d2.detection.torchvision_keys import TORCHVISION_KEYS, check_torchvision_keys
 
-needs_d2 = pytest.mark.skipif(not detectron2_available(), reason="Detectron2 is not installed")
+# the torchvision path is what a plain install runs: all of this file runs in CI's plain pass too
+pytestmark = pytest.mark.plain
 DEMO = os.path.join(ROOT, "configs", "demo", "faster_rcnn_demo.yaml")
 # ResNet-18 on small images, light keypoint head: seconds per detector (tests override them)
 R18 = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
@@ -56,6 +57,9 @@ BAD = {
     "INPUT.FORMAT": "BGR", "INPUT.MIN_SIZE_TRAIN_SAMPLING": "uniform", "INPUT.MIN_SIZE_TEST": 0,
     "MODEL.ROI_BOX_HEAD.POOLER_TYPE": "ROIPool", "MODEL.ROI_MASK_HEAD.POOLER_TYPE": "ROIPool",
     "MODEL.ROI_KEYPOINT_HEAD.POOLER_TYPE": "ROIAlignRotated",
+    "MODEL.RESNETS.NORM": "nnSyncBN", "MODEL.FPN.NORM": "LN", "MODEL.ROI_BOX_HEAD.NORM": "nnSyncBN",
+    "MODEL.ROI_MASK_HEAD.NORM": "nnSyncBN", "MODEL.ANCHOR_GENERATOR.SIZES": [[32], [64]],
+    "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": [[0.5], [1.0]],
     "DATALOADER.SAMPLER_TRAIN": "RepeatFactorTrainingSampler", "SOLVER.LR_SCHEDULER_NAME": "WarmupCosineLR",
     "SOLVER.WARMUP_METHOD": "exponential", "SOLVER.REFERENCE_WORLD_SIZE": 16,
 }
@@ -66,8 +70,11 @@ BAD_RETINANET = {
     "MODEL.RETINANET.IOU_THRESHOLDS": [0.4, 0.45, 0.5], "MODEL.RETINANET.IOU_LABELS": [0, 0, 1],
     "MODEL.RETINANET.PRIOR_PROB": 0.02, "MODEL.RETINANET.FOCAL_LOSS_GAMMA": 1.5,
     "MODEL.RETINANET.FOCAL_LOSS_ALPHA": 0.5, "MODEL.RETINANET.SMOOTH_L1_LOSS_BETA": 0.1,
-    "MODEL.RETINANET.BBOX_REG_LOSS_TYPE": "giou",
+    "MODEL.RETINANET.BBOX_REG_LOSS_TYPE": "giou", "MODEL.RETINANET.NORM": "nnSyncBN",
 }
+# Mask R-CNN's keys, on the Mask R-CNN demo config.
+MASK = "demo/mask_rcnn_demo.yaml"
+BAD_MASK = {"MODEL.KEYPOINT_ON": True}
 
 
 def _test_names(path):
@@ -75,7 +82,6 @@ def _test_names(path):
     return {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
 
 
-@pytest.mark.plain
 def test_every_detectron2_key_is_honoured_refused_or_irrelevant():
     keys = [k for k, _ in flat_items(detection_defaults())]
     assert sorted(TORCHVISION_KEYS) == sorted(keys), (
@@ -91,22 +97,21 @@ def test_every_detectron2_key_is_honoured_refused_or_irrelevant():
         if rule.kind == "refused":
             assert rule.allowed is not None and rule.expected, key
         if rule.allowed is not None:
-            assert key in BAD or key in BAD_RETINANET, f"{key}: no refused value to check"
+            assert key in BAD or key in BAD_RETINANET or key in BAD_MASK, f"{key}: no refused value to check"
     probed = {k for k, *_ in PROBES}
     detector_keys = {k for k, r in TORCHVISION_KEYS.items() if r.test.endswith("::" + "test_built_detector_"
                                                                                        "reflects_the_key")}
     assert detector_keys <= probed, f"no probe for {sorted(detector_keys - probed)}"
 
 
-@pytest.mark.plain
 @pytest.mark.parametrize("key,config", [(k, "demo/faster_rcnn_demo.yaml") for k in BAD]
-                         + [(k, RETINANET) for k in BAD_RETINANET])
+                         + [(k, RETINANET) for k in BAD_RETINANET] + [(k, MASK) for k in BAD_MASK])
 def test_a_value_this_path_cannot_honour_stops_the_run_naming_it(key, config):
     from scrl_d2.detection.torchvision_model import build_torchvision_detector
 
     cfg = cfg_of(config=config)
     check_torchvision_keys(cfg)  # the shipped config is accepted
-    value = BAD[key] if key in BAD else BAD_RETINANET[key]
+    value = {**BAD, **BAD_RETINANET, **BAD_MASK}[key] if config != RETINANET else BAD_RETINANET[key]
     cfg.merge_from_list([key, repr(value) if not isinstance(value, str) else value])
     with pytest.raises(ConfigError) as e:
         build_torchvision_detector(cfg)
@@ -121,7 +126,6 @@ def cfg_at_key(cfg, key):
     return cfg
 
 
-@pytest.mark.plain
 def test_refused_value_from_the_command_line_is_one_line_exit_2(tmp_path):
     from test_engine import run_cli
 
@@ -173,12 +177,8 @@ PROBES = [
     ("MODEL.ROI_MASK_HEAD.NORM", "GN", lambda m: any(isinstance(x, torch.nn.GroupNorm)
                                                      for x in m.roi_heads.mask_head.modules())),
     ("MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS", (32, 32, 32), lambda m: len(m.roi_heads.keypoint_head) == 3 * 2),
-    ("MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS", 17, lambda m: m.roi_heads.keypoint_predictor.kps_score_lowres
-     .out_channels == 17),
-    ("MODEL.ANCHOR_GENERATOR.SIZES", [[16], [32], [64], [128], [256]],
-     lambda m: m.rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))),
-    ("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[1.0, 2.0]],
-     lambda m: m.rpn.anchor_generator.aspect_ratios[0] == (1.0, 2.0)),
+    ("MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS", 5, lambda m: m.roi_heads.keypoint_predictor.kps_score_lowres
+     .out_channels == 5),
     ("INPUT.MAX_SIZE_TRAIN", 500, lambda m: m.transform.max_size == 500),
     ("TEST.DETECTIONS_PER_IMAGE", 7, lambda m: m.roi_heads.detections_per_img == 7),
     ("MODEL.RETINANET.NUM_CLASSES", 3, lambda m: m.head.classification_head.num_classes == 3),
@@ -222,8 +222,9 @@ def _target(model, h=96, w=128):
 
         t["masks"] = PolygonMasks([[np.array([10, 12, 70, 12, 70, 80, 10, 80.0])]])
     if getattr(model.roi_heads, "keypoint_head", None) is not None if hasattr(model, "roi_heads") else False:
-        k = torch.zeros(1, 17, 3)
-        k[0, :, 0], k[0, :, 1], k[0, :, 2] = torch.linspace(12, 68, 17), 40.5, 2
+        n = model.roi_heads.keypoint_predictor.kps_score_lowres.out_channels
+        k = torch.zeros(1, n, 3)
+        k[0, :, 0], k[0, :, 1], k[0, :, 2] = torch.linspace(12, 68, n), 40.5, 2
         t["keypoints"] = k
     return t
 
@@ -240,7 +241,6 @@ def _train_and_predict(model, h=96, w=128):
         return model([torch.rand(3, h, w)])[0]
 
 
-@pytest.mark.plain
 @pytest.mark.parametrize("config,outputs", [("demo/faster_rcnn_demo.yaml", {"boxes"}),
                                             ("demo/mask_rcnn_demo.yaml", {"boxes", "masks"}),
                                             ("coco/keypoint_rcnn_R_50_FPN_1x_syncbn.yaml", {"boxes", "keypoints"}),
@@ -259,6 +259,8 @@ def test_retinanet_head_norm_keeps_statistics_per_level():
     from scrl_d2.detection.torchvision_model import CycleBatchNorm
 
     model = build("MODEL.RETINANET.NORM", "BN", config=RETINANET)
+    p6p7 = model.backbone.fpn.extra_blocks  # P6 from C5 (ResNet-18: 512 channels), as Detectron2; not from P5
+    assert p6p7.use_P5 is False and p6p7.p6.in_channels == 512
     norms = [m for m in model.head.modules() if isinstance(m, CycleBatchNorm)]
     assert len(norms) == 8 and all(len(n.norms) == 5 for n in norms)  # 4 convs x (class, box)
     _train_and_predict(model)
@@ -279,6 +281,33 @@ def test_retinanet_head_norm_keeps_statistics_per_level():
         for a, b in zip(ours.norms, theirs):
             torch.testing.assert_close(a.running_mean, b.running_mean)
             torch.testing.assert_close(a.running_var, b.running_var)
+
+
+def test_anchors_are_detectron2s():
+    """Cell anchors equal Detectron2's DefaultAnchorGenerator's (not rounded to whole pixels
+    as torchvision's), and one list of sizes / ratios goes to every level, as Detectron2."""
+    model = build("MODEL.ANCHOR_GENERATOR.SIZES", "[[32, 64]]", "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[0.5, 1.0]]")
+    cells = model.rpn.anchor_generator.cell_anchors
+    assert len(cells) == 5 and all(c.shape == (4, 4) for c in cells)
+    w = 32 / 0.5 ** 0.5  # a 32 px anchor of ratio h/w 0.5: 45.25 x 22.63
+    assert any(torch.allclose(a, torch.tensor([-w / 2, -w / 4, w / 2, w / 4])) for a in cells[0])
+    retina = build(config=RETINANET)
+    if detectron2_available():
+        from detectron2.config import get_cfg as d2_get_cfg
+        from detectron2.layers import ShapeSpec
+        from detectron2.modeling.anchor_generator import build_anchor_generator
+
+        for m, cfg in ((model, cfg_of("MODEL.ANCHOR_GENERATOR.SIZES", "[[32, 64]]",
+                                      "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[0.5, 1.0]]")),
+                       (retina, cfg_of(config=RETINANET))):
+            d2cfg = d2_get_cfg()
+            d2cfg.MODEL.ANCHOR_GENERATOR.SIZES = cfg.MODEL.ANCHOR_GENERATOR.SIZES
+            d2cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS
+            ours = (m.rpn.anchor_generator if hasattr(m, "rpn") else m.anchor_generator).cell_anchors
+            theirs = build_anchor_generator(d2cfg, [ShapeSpec(stride=2 ** k) for k in range(len(ours))]).cell_anchors
+            for a, b in zip(ours, theirs):  # the same anchors (torchvision orders ratios first)
+                key = lambda t: sorted(map(tuple, t.round(decimals=4).tolist()))  # noqa: E731
+                assert key(a) == key(b)
 
 
 def test_pixel_statistics_normalise_as_detectron2():
@@ -507,6 +536,9 @@ def test_mask_targets_in_both_formats_as_detectron2(tiny_coco):
         idx = torch.zeros(20, dtype=torch.long)
         d2p = D2Polygons([[np.array([4, 6, 24, 6, 24, 21, 4, 21.0])]] * 20).crop_and_resize(boxes, 14)
         assert torch.equal(_mask_targets(poly, boxes, idx, 14), d2p.float())
+        tri = [np.array([3.3, 5.1, 40.7, 12.9, 17.2, 44.6])]  # diagonal edges, fractional corners
+        d2t = D2Polygons([tri] * 20).crop_and_resize(boxes, 14)
+        assert torch.equal(PolygonMasks([tri]).crop_and_resize(boxes, idx, 14), d2t.float())
         d2b = BitMasks(bit.bool().repeat(20, 1, 1)).crop_and_resize(boxes, 14)
         assert torch.equal(_mask_targets(bit, boxes, idx, 14), d2b.float())
     # resizing carries polygons with the image
@@ -577,7 +609,7 @@ def test_seed_fixes_the_data_order():
     assert first(1) == first(1) and first(1) != first(2)
 
 
-def test_schedule_and_optimizer_follow_detectron2():
+def test_schedule_and_optimizer_follow_detectron2(tmp_path):
     """Learning rate per iteration and per-parameter (lr, weight decay) equal Detectron2's
     build_lr_scheduler / build_optimizer for the same config (with Detectron2), or its
     documented rules (without)."""
@@ -588,7 +620,7 @@ def test_schedule_and_optimizer_follow_detectron2():
             "SOLVER.WEIGHT_DECAY_NORM", "0.0", "SOLVER.MOMENTUM", "0.8", "SOLVER.NESTEROV", "True",
             "MODEL.RESNETS.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", "1"]
     for method, bias in (("linear", "1.0"), ("constant", "2.0")):
-        cfg = cfg_of(*opts, "SOLVER.WARMUP_METHOD", method, "SOLVER.BIAS_LR_FACTOR", bias)
+        cfg = cfg_of(*opts, "SOLVER.WARMUP_METHOD", method, "SOLVER.BIAS_LR_FACTOR", bias, "OUTPUT_DIR", str(tmp_path))
         lrs = [lr_at(cfg, it) for it in range(80)]
         assert lrs[0] == pytest.approx(0.001) and lrs[20] == pytest.approx(0.1) and lrs[70] == pytest.approx(0.025)
         assert lrs[5] == pytest.approx(0.001 if method == "constant" else 0.1 * (0.01 * 0.5 + 0.5))
@@ -602,6 +634,11 @@ def test_schedule_and_optimizer_follow_detectron2():
         assert ours[id(model.roi_heads.box_predictor.cls_score.weight)] == (1.0, 0.001)
         assert ours[id(model.roi_heads.box_predictor.cls_score.bias)] == ((2.0, 0.001) if bias == "2.0"
                                                                          else (1.0, 0.001))
+        from scrl_d2.detection.torchvision_finetune import TorchvisionDetectionTrainer
+
+        sgd = TorchvisionDetectionTrainer(cfg).optimizer  # what fine-tuning steps with
+        assert [(g["momentum"], g["nesterov"]) for g in sgd.param_groups] == [(0.8, True)] * len(sgd.param_groups)
+        assert sorted({g["weight_decay"] for g in sgd.param_groups}) == [0.0, 0.001]
         if detectron2_available():
             from detectron2.config import get_cfg as d2_get_cfg
             from detectron2.solver import build_lr_scheduler, get_default_optimizer_params
@@ -675,7 +712,6 @@ def test_keypoint_oks_sigmas_reach_cocoeval(tiny_coco):
         evaluate_predictions(ds.coco, preds, ["keypoints"], ds.class_names, kpt_oks_sigmas=[1.0, 1.0])
 
 
-@pytest.mark.plain
 @pytest.mark.skipif(detectron2_available(), reason="Detectron2 is installed: this checks a plain install")
 def test_plain_install_names_detectron2_for_what_needs_it(tmp_path, monkeypatch):
     """Without Detectron2: a C4 protocol stops at start-up with one line naming the key and

@@ -9,6 +9,7 @@ import os
 import time
 from typing import Dict, Iterator, List
 
+import numpy as np
 import torch
 
 from ..checkpoint import Checkpointer, atomic_write
@@ -96,8 +97,11 @@ class TorchvisionDetectionTrainer:
         model = build_torchvision_detector(cfg)  # SyncBN also synchronises CPU processes (gloo)
         self.model = model.to(self.device)
         s = cfg.SOLVER
-        self.optimizer = torch.optim.SGD(param_groups(model, cfg), lr=s.BASE_LR, momentum=s.MOMENTUM,
-                                         weight_decay=s.WEIGHT_DECAY, nesterov=s.NESTEROV)
+        groups = param_groups(model, cfg)
+        # kept apart: a loaded optimizer state replaces the groups' settings (older checkpoints lack the key)
+        self.lr_factors = [g.pop("lr_factor") for g in groups]
+        self.optimizer = torch.optim.SGD(groups, lr=s.BASE_LR, momentum=s.MOMENTUM, weight_decay=s.WEIGHT_DECAY,
+                                         nesterov=s.NESTEROV)
         self.dtype = amp_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.dtype == torch.float16 and self.device.type == "cuda")
@@ -140,7 +144,9 @@ class TorchvisionDetectionTrainer:
             raise ValueError(f"{key} is {classes} but dataset(s) {', '.join(names)} have {len(ds.class_names)} "
                              "classes")
         if train:
-            sampler = _Infinite(len(ds), cfg.SEED if cfg.SEED >= 0 else 0, self.start_iter)
+            # SEED < 0: a random data order, the same on every process (Detectron2's shared_random_seed)
+            seed = cfg.SEED if cfg.SEED >= 0 else comm.all_gather(int(np.random.randint(2 ** 31)))[0]
+            sampler = _Infinite(len(ds), seed, self.start_iter)
             per_process = cfg.SOLVER.IMS_PER_BATCH // self.world
             if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
                 batches = _AspectRatioGrouped(sampler, ds.buckets, per_process)
@@ -180,8 +186,8 @@ class TorchvisionDetectionTrainer:
         cfg = self.cfg
         for it in range(self.start_iter, max_iter):
             lr = lr_at(cfg, it)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr * g["lr_factor"]
+            for g, factor in zip(self.optimizer.param_groups, self.lr_factors):
+                g["lr"] = lr * factor
             images, targets = next(data)
             images = [im.to(self.device, non_blocking=True).float() / 255.0 for im in images]
             targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]

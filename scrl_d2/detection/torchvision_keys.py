@@ -67,6 +67,16 @@ def _fpn_levels(cfg):
 _DETECTOR = "test_built_detector_reflects_the_key"  # the built component carries the value
 _RES2 = lambda v, cfg: v == (64 if cfg.MODEL.RESNETS.DEPTH < 50 else 256)  # noqa: E731
 _RES_FEATURES = ("res2", "res3", "res4", "res5")
+# Detectron2's norm names this path builds (norm_layer in torchvision_model.py)
+_NORMS = ("", "BN", "SyncBN", "FrozenBN", "GN", "naiveSyncBN", "naiveSyncBN_N")
+_NORM = dict(allowed=_eq(*_NORMS), expected=" / ".join(repr(n) for n in _NORMS))
+
+
+def _anchor_lists(v, cfg) -> bool:
+    """One list for every level, or one per level of the head that reads the anchors."""
+    retina = cfg.MODEL.META_ARCHITECTURE == "RetinaNet"
+    levels = len(cfg.MODEL.RETINANET.IN_FEATURES if retina else cfg.MODEL.RPN.IN_FEATURES)
+    return len(v) in (1, levels)
 _POOLER_TYPE = H("test_poolers_are_detectron2s_roialign", _eq("ROIAlignV2", "ROIAlign"), "ROIAlignV2 or ROIAlign")
 
 TORCHVISION_KEYS: Dict[str, KeyRule] = {
@@ -88,18 +98,19 @@ TORCHVISION_KEYS: Dict[str, KeyRule] = {
                                     "a superset of MODEL.FPN.IN_FEATURES"),
     "MODEL.RESNETS.NUM_GROUPS": R(_eq(1), "1 (no ResNeXt on this path)"),
     "MODEL.RESNETS.WIDTH_PER_GROUP": R(_eq(64), "64 (no ResNeXt on this path)"),
-    "MODEL.RESNETS.NORM": H(_DETECTOR),
+    "MODEL.RESNETS.NORM": H(_DETECTOR, **_NORM),
     "MODEL.RESNETS.STRIDE_IN_1X1": R(_eq(False), "False (torchvision / ResNet v1.5 strides, what SCRL pretrains)"),
     "MODEL.RESNETS.RES5_DILATION": R(_eq(1), "1"),
     "MODEL.RESNETS.RES2_OUT_CHANNELS": R(_RES2, "64 for ResNet-18/34, 256 for ResNet-50 and deeper"),
     "MODEL.RESNETS.STEM_OUT_CHANNELS": R(_eq(64), "64"),
     "MODEL.MASK_ON": H("test_each_architecture_trains_and_predicts"),
-    "MODEL.KEYPOINT_ON": H("test_each_architecture_trains_and_predicts"),
+    "MODEL.KEYPOINT_ON": H("test_each_architecture_trains_and_predicts", lambda v, cfg: not (v and cfg.MODEL.MASK_ON),
+                           "False when MODEL.MASK_ON is True (this path builds one of the two heads)"),
     "MODEL.LOAD_PROPOSALS": R(_eq(False), "False (no precomputed proposals on this path)"),
     "MODEL.FPN.IN_FEATURES": H(_DETECTOR, lambda v, cfg: len(v) > 0 and " ".join(v) in " ".join(_RES_FEATURES),
         "consecutive ResNet stages in order, e.g. [res2, res3, res4, res5] (Detectron2's FPN asserts it)"),
     "MODEL.FPN.OUT_CHANNELS": H(_DETECTOR),
-    "MODEL.FPN.NORM": H(_DETECTOR),
+    "MODEL.FPN.NORM": H(_DETECTOR, **_NORM),
     "MODEL.RPN.IN_FEATURES": H(_DETECTOR, _rcnn(lambda v, cfg: list(v) == _fpn_levels(cfg) + ["p" + str(
         int(_fpn_levels(cfg)[-1][1]) + 1)] if cfg.MODEL.FPN.IN_FEATURES else False),
         "every FPN level and the max-pooled one above (p2 ... p6 for res2 ... res5)"),
@@ -125,7 +136,7 @@ TORCHVISION_KEYS: Dict[str, KeyRule] = {
     "MODEL.ROI_BOX_HEAD.CONV_DIM": H(_DETECTOR),
     "MODEL.ROI_BOX_HEAD.NUM_FC": H(_DETECTOR, _rcnn(lambda v, cfg: v >= 1), ">= 1"),
     "MODEL.ROI_BOX_HEAD.FC_DIM": H(_DETECTOR),
-    "MODEL.ROI_BOX_HEAD.NORM": H(_DETECTOR),
+    "MODEL.ROI_BOX_HEAD.NORM": H(_DETECTOR, **_NORM),
     "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION": H("test_pooler_resolutions_size_the_poolers_and_heads"),
     "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO": H("test_poolers_are_detectron2s_roialign"),
     "MODEL.ROI_BOX_HEAD.POOLER_TYPE": _POOLER_TYPE,
@@ -133,7 +144,7 @@ TORCHVISION_KEYS: Dict[str, KeyRule] = {
     "MODEL.ROI_MASK_HEAD.NAME": R(_eq("MaskRCNNConvUpsampleHead"), "MaskRCNNConvUpsampleHead"),
     "MODEL.ROI_MASK_HEAD.NUM_CONV": H(_DETECTOR),
     "MODEL.ROI_MASK_HEAD.CONV_DIM": H(_DETECTOR),
-    "MODEL.ROI_MASK_HEAD.NORM": H(_DETECTOR),
+    "MODEL.ROI_MASK_HEAD.NORM": H(_DETECTOR, **_NORM),
     "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION": H("test_pooler_resolutions_size_the_poolers_and_heads"),
     "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO": H("test_poolers_are_detectron2s_roialign"),
     "MODEL.ROI_MASK_HEAD.POOLER_TYPE": _POOLER_TYPE,
@@ -161,9 +172,11 @@ TORCHVISION_KEYS: Dict[str, KeyRule] = {
                                              "0.0 for RetinaNet (an L1 loss, as Detectron2's RetinaNet configs "
                                              "and torchvision's RetinaNet)"),
     "MODEL.RETINANET.BBOX_REG_LOSS_TYPE": R(_retina(_eq("smooth_l1")), "smooth_l1"),
-    "MODEL.RETINANET.NORM": H("test_retinanet_head_norm_keeps_statistics_per_level"),
-    "MODEL.ANCHOR_GENERATOR.SIZES": H(_DETECTOR),
-    "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": H(_DETECTOR),
+    "MODEL.RETINANET.NORM": H("test_retinanet_head_norm_keeps_statistics_per_level", **_NORM),
+    "MODEL.ANCHOR_GENERATOR.SIZES": H("test_anchors_are_detectron2s", _anchor_lists,
+                                      "one list, or one per feature level"),
+    "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": H("test_anchors_are_detectron2s", _anchor_lists,
+                                              "one list, or one per feature level"),
     # ------------------------------------------------------------------ input
     "INPUT.FORMAT": R(_eq("RGB"), "RGB (SCRL pretrains on RGB; set RGB PIXEL_MEAN/PIXEL_STD with it)"),
     "INPUT.MIN_SIZE_TRAIN": H("test_min_size_train_sampling_choice_and_range"),

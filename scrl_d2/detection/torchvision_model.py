@@ -34,6 +34,7 @@ from torchvision.ops import poolers as tv_poolers
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from ..checkpoint import LayoutError, d2_to_torchvision, extract_encoder, load_checkpoint_file
+from ..config import ConfigError
 from ..modeling.layers import SyncBatchNorm
 from .torchvision_keys import check_torchvision_keys
 
@@ -55,11 +56,33 @@ def norm_layer(norm: str, key: str) -> Optional[Callable[[int], nn.Module]]:
 
 
 class Float32AnchorGenerator(AnchorGenerator):
-    """torchvision makes anchors in the feature maps' dtype: under bf16 autocast an
-    anchor's corners (up to ~1333 px) would round to 4-8 px. Always float32."""
+    """Detectron2's DefaultAnchorGenerator on torchvision's: cell anchors not rounded to
+    whole pixels (torchvision rounds, e.g. a 40.3 px RetinaNet anchor to 40), and always
+    float32 (torchvision makes them in the feature maps' dtype: under bf16 autocast an
+    anchor's corners, up to ~1333 px, would round to 4-8 px)."""
+
+    def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=torch.device("cpu")):
+        scales = torch.as_tensor(scales, dtype=torch.float32, device=device)
+        ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32, device=device)
+        ws = (scales[None, :] / torch.sqrt(ratios)[:, None]).reshape(-1)
+        hs = (scales[None, :] * torch.sqrt(ratios)[:, None]).reshape(-1)
+        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
 
     def set_cell_anchors(self, dtype: torch.dtype, device: torch.device) -> None:
         super().set_cell_anchors(torch.float32, device)
+
+
+def _anchors(cfg, levels: int) -> Float32AnchorGenerator:
+    """MODEL.ANCHOR_GENERATOR as Detectron2 reads it: one list of sizes (or ratios) is
+    given to every level."""
+    ag = cfg.MODEL.ANCHOR_GENERATOR
+    sizes = [tuple(s) for s in ag.SIZES]
+    ratios = [tuple(a) for a in ag.ASPECT_RATIOS]
+    sizes, ratios = (sizes * levels if len(sizes) == 1 else sizes), (ratios * levels if len(ratios) == 1 else ratios)
+    if len(sizes) != levels or len(ratios) != levels:
+        raise ConfigError(f"MODEL.ANCHOR_GENERATOR: {len(sizes)} SIZES / {len(ratios)} ASPECT_RATIOS lists for "
+                          f"{levels} feature levels; give one list, or one per level")
+    return Float32AnchorGenerator(tuple(sizes), tuple(ratios))
 
 
 class Float32BoxCoder(BoxCoder):
@@ -77,12 +100,10 @@ def _exact_boxes(model: nn.Module) -> nn.Module:
         c = model.box_coder
         model.box_coder = Float32BoxCoder(c.weights, c.bbox_xform_clip)
         model.head.regression_head.box_coder = model.box_coder
-        model.anchor_generator.__class__ = Float32AnchorGenerator
         return model
     for coder_owner in (model.rpn, model.roi_heads):
         c = coder_owner.box_coder
         coder_owner.box_coder = Float32BoxCoder(c.weights, c.bbox_xform_clip)
-    model.rpn.anchor_generator.__class__ = Float32AnchorGenerator
     return model
 
 
@@ -315,13 +336,11 @@ class CycleBatchNorm(nn.Module):
 
 
 def _retinanet(cfg) -> nn.Module:
-    r, ag, i = cfg.MODEL.RETINANET, cfg.MODEL.ANCHOR_GENERATOR, cfg.INPUT
+    r, i = cfg.MODEL.RETINANET, cfg.INPUT
     backbone = _resnet_fpn(cfg, retinanet=True)
-    sizes = tuple(tuple(s) for s in ag.SIZES)
-    ratios = tuple(tuple(a) for a in ag.ASPECT_RATIOS) * (len(sizes) if len(ag.ASPECT_RATIOS) == 1 else 1)
-    anchors = AnchorGenerator(sizes, ratios)
+    anchors = _anchors(cfg, len(r.IN_FEATURES))
     norm = norm_layer(r.NORM, "MODEL.RETINANET.NORM")
-    if norm is not None and r.NORM in ("BN", "SyncBN", "naiveSyncBN", "naiveSyncBN_N"):
+    if norm is not None and r.NORM in ("BN", "SyncBN"):  # as Detectron2's head: other norms are shared
         bn_class = norm
         norm = lambda c: CycleBatchNorm(c, len(r.IN_FEATURES), bn_class)  # noqa: E731
     head = RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], r.NUM_CLASSES,
@@ -352,9 +371,6 @@ def build_torchvision_detector(cfg) -> nn.Module:
     backbone = _resnet_fpn(cfg)
     num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1  # + background
     out_ch = cfg.MODEL.FPN.OUT_CHANNELS
-    ag = cfg.MODEL.ANCHOR_GENERATOR
-    sizes = tuple(tuple(s) for s in ag.SIZES)
-    ratios = tuple(tuple(a) for a in ag.ASPECT_RATIOS) * (len(sizes) if len(ag.ASPECT_RATIOS) == 1 else 1)
     # Detectron2's p2..p5 are this backbone's "0".."3" (in FPN.IN_FEATURES order)
     level = {f"p{f[3]}": str(k) for k, f in enumerate(cfg.MODEL.FPN.IN_FEATURES)}
     pool_levels = [level[f] for f in cfg.MODEL.ROI_HEADS.IN_FEATURES]
@@ -374,7 +390,7 @@ def build_torchvision_detector(cfg) -> nn.Module:
     kwargs = dict(
         min_size=tuple(i.MIN_SIZE_TRAIN), max_size=i.MAX_SIZE_TRAIN,
         image_mean=[m / 255.0 for m in cfg.MODEL.PIXEL_MEAN], image_std=[s / 255.0 for s in cfg.MODEL.PIXEL_STD],
-        rpn_anchor_generator=AnchorGenerator(sizes, ratios),
+        rpn_anchor_generator=_anchors(cfg, len(cfg.MODEL.RPN.IN_FEATURES)),
         rpn_pre_nms_top_n_train=rpn.PRE_NMS_TOPK_TRAIN, rpn_pre_nms_top_n_test=rpn.PRE_NMS_TOPK_TEST,
         rpn_post_nms_top_n_train=rpn.POST_NMS_TOPK_TRAIN, rpn_post_nms_top_n_test=rpn.POST_NMS_TOPK_TEST,
         rpn_nms_thresh=rpn.NMS_THRESH, rpn_batch_size_per_image=rpn.BATCH_SIZE_PER_IMAGE,
