@@ -3,7 +3,6 @@ import os
 import re
 import shutil
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -120,14 +119,15 @@ def tiny_opts(train: str, out: str, arch: str = "SCRL"):
 
 # ---------------------------------------------------------------------------- disk footprint
 # The disk use under pytest's temporary folder (the basetemp: every tmp_path and
-# tmp_path_factory folder), sampled every FOOTPRINT_PERIOD s by a thread and after each
-# test's call (before its teardown removes its tmp_path); the terminal summary prints
+# tmp_path_factory folder), sampled after each test's call (before its teardown removes its
+# tmp_path); the terminal summary prints
 #   tmp_path footprint: peak <size> (<bytes> bytes) during <nodeid>; left after the session
 #     <size> (<bytes> bytes) in <basetemp>                                   (one line)
-#   tmp_path footprint: largest tests: <size> <nodeid>, ...    (the 5 largest peaks, each
-#     the whole basetemp while that test ran: its tmp_path and the fixtures' folders then)
-FOOTPRINT_PERIOD = 0.5
-_scandir = os.scandir  # bound now: a test that monkeypatches os.scandir does not see the sampling thread
+#   tmp_path footprint: largest tests: <size> <nodeid>, ...    (the 5 largest, each the
+#     whole basetemp after that test ran: its tmp_path and the fixtures' folders then)
+# No sampling thread: DataLoader workers fork from the pytest process, and a fork while a
+# thread runs can leave the child waiting forever on a lock the thread held (seen in CI).
+_scandir = os.scandir  # bound now: a test that monkeypatches os.scandir does not change the measurement
 
 
 def disk_use(root) -> int:
@@ -165,10 +165,7 @@ def _human(n: int) -> str:
 class _Footprint:
     def __init__(self, config):
         self.config = config
-        self.lock = threading.Lock()
         self.peak, self.peak_test, self.per_test, self.test = 0, "", {}, ""
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="tmp-footprint", daemon=True)
 
     def basetemp(self):
         factory = getattr(self.config, "_tmp_path_factory", None)
@@ -179,32 +176,22 @@ class _Footprint:
         if base is None:
             return
         n = disk_use(base)
-        with self.lock:
-            if n > self.peak:
-                self.peak, self.peak_test = n, self.test
-            if self.test and n > self.per_test.get(self.test, -1):
-                self.per_test[self.test] = n
-
-    def _run(self) -> None:
-        while not self.stop.wait(FOOTPRINT_PERIOD):
-            try:
-                self.sample()
-            except Exception:  # never disturb the session
-                pass
+        if n > self.peak:
+            self.peak, self.peak_test = n, self.test
+        if self.test and n > self.per_test.get(self.test, -1):
+            self.per_test[self.test] = n
 
 
 def pytest_configure(config):
     if not hasattr(config, "workerinput"):  # not in a pytest-xdist worker
         config._scrl_footprint = _Footprint(config)
-        config._scrl_footprint.thread.start()
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item, nextitem):
     fp = getattr(item.config, "_scrl_footprint", None)
     if fp is not None:
-        with fp.lock:
-            fp.test = item.nodeid
+        fp.test = item.nodeid
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -215,19 +202,11 @@ def pytest_runtest_teardown(item, nextitem):
         fp.sample()
 
 
-def pytest_unconfigure(config):
-    fp = getattr(config, "_scrl_footprint", None)
-    if fp is not None:
-        fp.stop.set()
-
-
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     _report_false_skips(terminalreporter)
     fp = getattr(config, "_scrl_footprint", None)
     if fp is None:
         return
-    fp.stop.set()
-    fp.thread.join(timeout=5)
     base = fp.basetemp()
     if base is None:
         terminalreporter.write_line("tmp_path footprint: no temporary folder was used")
