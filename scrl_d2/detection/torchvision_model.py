@@ -9,7 +9,7 @@ those protocols run with Detectron2."""
 import contextlib
 import functools
 import logging
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
