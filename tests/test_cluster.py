@@ -2,6 +2,7 @@
 through submitit, preemption signals, a peer that dies or hangs. CPU, gloo, loopback;
 every process is cleaned up."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -122,9 +123,34 @@ def test_torchrun_restarts_a_killed_worker_and_ends_as_an_uninterrupted_run(tmp_
         rc, so, se = _finish(p)
     assert rc == 0, se[-3000:]
     log = open(os.path.join(out, "log.txt")).read()
-    assert "lost contact with another process" in log  # the survivor said why it stopped
-    assert "resumed at epoch 0, iteration 4" in log or "resumed at epoch 0, iteration 5" in log, log[-2000:]
+    # The survivor said why it stopped: torchrun's agent also sent SIGTERM to its process
+    # group, loader workers included, and none of them may end it first (mid-checkpoint).
+    first, lost, restarted = log.partition("lost contact with another process")
+    assert lost and "killed by signal" not in log, log[-3000:]
+    # The restart resumes from the newest checkpoint the first attempt completed (at
+    # least model_0000003.pth; later if the kill landed later), whatever it was doing.
+    saved = re.findall(r"saved checkpoint (\S+)", first)
+    assert os.path.join(out, "model_0000003.pth") in saved, first[-2000:]
+    assert f"resuming from {saved[-1]}" in restarted, restarted[-2000:]
     assert_same_weights(reference, model_state(os.path.join(out, "checkpoint_2.pth")), atol=0)
+
+
+def test_sigterm_to_torchrun_stops_every_worker_after_its_step_with_a_checkpoint(tmp_path, image_folder):
+    # torchrun's agent passes SIGTERM on to each worker's whole process group (SLURM signals
+    # every process too): the loader workers leave it to the trainers, which checkpoint.
+    out = str(tmp_path / "term")
+    p = _start([*TORCHRUN, "--nproc-per-node", "2", TRAIN_NET, *_opts(image_folder, out)])
+    try:
+        _wait_for(_log_has(out, "epoch 0.50"), what="iteration 3")
+        p.send_signal(signal.SIGTERM)
+    finally:
+        rc, so, se = _finish(p)
+    assert all(f"[rank {r}] stopped: interrupted by SIGTERM after iteration" in se for r in (0, 1)), se[-3000:]
+    assert "killed by signal" not in se
+    ck = [f for f in os.listdir(out) if f.startswith("checkpoint_0_iter")]
+    assert len(ck) == 1 and os.readlink(os.path.join(out, "checkpoint_last.pth")) == ck[0]
+    done = torch.load(os.path.join(out, ck[0]), weights_only=False)["trainer"]["iter"]
+    assert ck[0] == f"checkpoint_0_iter{done}.pth"
 
 
 def test_sigterm_mid_epoch_writes_a_checkpoint_and_the_rerun_resumes(tmp_path, image_folder, reference):
@@ -193,19 +219,34 @@ def test_a_peer_that_dies_or_hangs_stops_the_survivor_within_the_timeout(tmp_pat
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
-def test_submit_slurm_dry_run_prints_the_sbatch_script_and_the_command(tmp_path):
+def test_submit_slurm_dry_run_prints_the_script_that_is_submitted(tmp_path):
+    """The dry run prints the very script submitit hands to sbatch: checked against a real
+    submission to a stand-in ``sbatch`` (and ``srun``, so that submitit takes this for a
+    SLURM cluster) that keeps the script it is given."""
     pytest.importorskip("submitit")
-    rc, so, se = _run([sys.executable, SUBMIT, "--config-file", os.path.join(ROOT, "configs", "scrl_pretrain.yaml"),
-                       "--nodes", "4", "--gpus-per-node", "8", "--partition", "learnlab", "--account", "vision",
-                       "--time", "600", "--dry-run", "OUTPUT_DIR", str(tmp_path / "run")])
+    bin_dir, kept = tmp_path / "bin", tmp_path / "submitted.sh"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {kept}\necho "Submitted batch job 4242"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for f in ("sbatch", "srun"):
+        os.chmod(bin_dir / f, 0o755)
+    env = dict(ENV, PATH=f"{bin_dir}{os.pathsep}{ENV['PATH']}")
+    out = str(tmp_path / "run")
+    config = os.path.join(ROOT, "configs", "scrl_pretrain.yaml")
+    cmd = [sys.executable, SUBMIT, "--config-file", config, "--nodes", "4", "--gpus-per-node", "8", "--partition",
+           "learnlab", "--account", "vision", "--time", "600"]
+    rc, so, se = _finish(_start([*cmd, "--dry-run", "OUTPUT_DIR", out], env=env))
     assert rc == 0, se
-    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=learnlab", "#SBATCH --account=vision", "#SBATCH --time=600",
-                 "#SBATCH --signal=USR2@120"):
-        assert line in so, so
-    assert f"train_net.py --config-file {os.path.join(ROOT, 'configs', 'scrl_pretrain.yaml')} OUTPUT_DIR " \
-           f"{tmp_path / 'run'}" in so
-    assert not os.path.exists(tmp_path / "run")  # nothing submitted, nothing written
+    assert not os.path.exists(out)  # nothing submitted, nothing written
+    script = so.split("sbatch script (what submitit passes to sbatch):\n", 1)[1].split("command (every task", 1)[0]
+    for line in ("#SBATCH --job-name=scrl_pretrain", "#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8",
+                 "#SBATCH --gpus-per-node=8", "#SBATCH --partition=learnlab", "#SBATCH --account=vision",
+                 "#SBATCH --time=600", "#SBATCH --signal=USR2@120"):
+        assert line in script.splitlines(), script
+    assert f"-m scrl_d2.cli.train_net --config-file {config} OUTPUT_DIR {out}" in so
+    rc, so, se = _finish(_start([*cmd, "OUTPUT_DIR", out], env=env))  # submitted for real, to the stand-in
+    assert rc == 0 and "submitted job 4242 (slurm)" in so, so + se
+    assert kept.read_text() == script
 
 
 def test_submit_slurm_without_submitit_says_how_to_install_it(tmp_path):

@@ -103,10 +103,12 @@ def test_unrecognised_input_fails_and_writes_nothing(tmp_path):
     bad.write_text("not a checkpoint")
     r = subprocess.run([sys.executable, CONVERT, str(bad), str(tmp_path / "o.pkl")], capture_output=True, text=True)
     assert r.returncode == 2 and "not a readable PyTorch checkpoint" in r.stderr and "nothing was written" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     odd = tmp_path / "odd.pth"
     torch.save({"weights": {"alpha.beta": torch.zeros(1)}, "step": 3}, odd)
     r = subprocess.run([sys.executable, CONVERT, str(odd), str(tmp_path / "o.pkl")], capture_output=True, text=True)
     assert r.returncode == 2 and "unrecognised checkpoint layout" in r.stderr and "'weights'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not os.path.exists(tmp_path / "o.pkl")
     with pytest.raises(LayoutError):
         extract_encoder([1, 2, 3])
@@ -120,3 +122,62 @@ def test_cli_summary(tmp_path):
     assert r.returncode == 0, r.stderr
     n = len([k for k in tv.state_dict() if not k.startswith("fc.")])
     assert "official layout" in r.stdout and f"converted {n} tensors" in r.stdout and "projector" in r.stdout
+
+
+class _Payload:
+    """Unpickling it runs code: it writes the marker file (any command could run there)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import builtins
+
+        return builtins.exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+@pytest.mark.plain
+def test_a_checkpoint_that_would_run_code_is_refused_unless_asked(tmp_path):
+    marker = tmp_path / "payload_ran"
+    src = str(tmp_path / "in.pth")
+    torch.save({**tv_resnet(18).state_dict(), "extra": _Payload(marker)}, src)
+    env = {k: v for k, v in os.environ.items() if k != "SCRL_D2_UNSAFE_LOAD"}
+    r = subprocess.run([sys.executable, CONVERT, src, str(tmp_path / "o.pkl")], capture_output=True, text=True,
+                       env=env)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "builtins.exec" in lines[0] and "--unsafe-load" in lines[0] and "nothing was written" in lines[0]
+    assert not marker.exists() and not os.path.exists(tmp_path / "o.pkl")
+    # asked for explicitly: loaded (the payload runs, as it would have before), with a warning
+    r = subprocess.run([sys.executable, CONVERT, "--unsafe-load", src, str(tmp_path / "o.pkl")], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "full unpickling" in r.stderr and "only do it for files from a source you trust" in r.stderr
+    assert marker.exists() and os.path.exists(tmp_path / "o.pkl")
+
+
+@pytest.mark.plain
+def test_pkl_files_are_read_without_running_code(tmp_path, monkeypatch):
+    """Detectron2 .pkl weights (ours, its model zoo's, Caffe2's Python 2 pickles) load
+    through an unpickler that only rebuilds numpy arrays; any other object is refused."""
+    import numpy as np
+
+    from scrl_d2.checkpoint import UnsafeCheckpointError, load_weights_file
+
+    monkeypatch.delenv("SCRL_D2_UNSAFE_LOAD", raising=False)
+    src = str(tmp_path / "in.pth")
+    torch.save(official_checkpoint(tv_resnet(18)), src)
+    convert_checkpoint(src, str(tmp_path / "ours.pkl"))
+    ours = load_weights_file(str(tmp_path / "ours.pkl"))
+    assert ours["__author__"] == "scrl_d2" and ours["model"]["stem.conv1.weight"].shape == (64, 3, 7, 7)
+    with open(tmp_path / "caffe2.pkl", "wb") as f:  # protocol 2, as Python 2 wrote them
+        pickle.dump({"blobs": {"conv1_w": np.ones((2, 3), np.float32), "conv1_w_momentum": np.zeros(1)}}, f,
+                    protocol=2)
+    caffe2 = load_weights_file(str(tmp_path / "caffe2.pkl"))
+    assert list(caffe2["model"]) == ["conv1_w"] and caffe2["matching_heuristics"] is True
+    marker = tmp_path / "payload_ran"
+    with open(tmp_path / "bad.pkl", "wb") as f:
+        pickle.dump({"model": {"stem.conv1.weight": _Payload(marker)}, "__author__": "x"}, f)
+    with pytest.raises(UnsafeCheckpointError, match="builtins.exec"):
+        load_weights_file(str(tmp_path / "bad.pkl"))
+    assert not marker.exists()

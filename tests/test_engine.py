@@ -21,7 +21,8 @@ def run_cli(*args, env_extra=None, check=True):
 
 
 def model_state(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    """The model of a checkpoint, read as the project reads it: without running code."""
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def assert_same_weights(a, b, atol=1e-6):
@@ -43,7 +44,7 @@ def test_resume_in_a_fresh_process_equals_an_uninterrupted_run(tmp_path, image_f
     assert "resumed at epoch 1, iteration 6" in r.stdout
     a, b = model_state(os.path.join(straight, "checkpoint_2.pth")), model_state(os.path.join(split, "checkpoint_2.pth"))
     assert_same_weights(a, b)
-    full = torch.load(os.path.join(split, "checkpoint_last.pth"), weights_only=False)
+    full = torch.load(os.path.join(split, "checkpoint_last.pth"), weights_only=True)
     assert {"model", "optimizer", "scaler", "trainer"} <= set(full) and full["trainer"]["iter"] == 12
     lines = [json.loads(x) for x in open(os.path.join(straight, "metrics.json"))]
     assert lines[-1]["iteration"] == 11  # Detectron2's numbering: the last step's 0-based index
@@ -102,7 +103,10 @@ def test_demo_config_runs_from_the_command_line(tmp_path):
     out = str(tmp_path / "demo")
     r = run_cli("--config-file", os.path.join(ROOT, "configs", "demo", "scrl_demo.yaml"), "OUTPUT_DIR", out,
                 "SOLVER.MAX_ITER", "3", "LOG_PERIOD", "1", env_extra={"SCRL_DATASETS": str(tmp_path / "ds")})
-    assert "no GPU is visible" in r.stdout or "cuda" in r.stdout
+    if torch.cuda.is_available():
+        assert "CUDA available: " in r.stdout and "no GPU is visible" not in r.stdout
+    else:  # the config asks for cuda: the run says it falls back to the CPU
+        assert "MODEL.DEVICE is 'cuda' but no GPU is visible: running on the CPU" in r.stdout
     assert os.path.exists(os.path.join(out, "checkpoint_0_iter3.pth"))
     assert os.path.exists(os.path.join(out, "config.yaml")) and os.path.exists(os.path.join(out, "log.txt"))
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out))
@@ -186,3 +190,115 @@ def test_mixed_precision_step_on_cpu(tmp_path, image_folder, arch):
     assert trainer.dtype == torch.bfloat16 and trainer.iter == 2
     lines = [json.loads(x) for x in open(os.path.join(cfg.OUTPUT_DIR, "metrics.json"))]
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in lines)
+
+
+@pytest.mark.plain
+def test_the_gloo_side_group_gets_the_run_dist_timeout(monkeypatch):
+    """Beside NCCL, small CPU exchanges use a gloo group: it must time out with
+    --dist-timeout (launch exports it), not after torch's 30 minutes."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from scrl_d2.backend import use_detectron2
+    from scrl_d2.utils import comm
+
+    made = []
+    monkeypatch.setenv("SCRL_D2_DIST_TIMEOUT", "42")
+    monkeypatch.setattr(dist, "get_backend", lambda *a, **k: "nccl")
+    monkeypatch.setattr(dist, "new_group", lambda *a, **k: made.append(k) or object())
+    comm._cpu_group.cache_clear()
+    try:
+        comm._cpu_group()
+    finally:
+        comm._cpu_group.cache_clear()
+    assert made == [{"backend": "gloo", "timeout": timedelta(seconds=42)}]
+    if use_detectron2(quiet=True):  # Detectron2's all_gather (its evaluators') takes the same group
+        from detectron2.utils import comm as d2_comm
+
+        assert d2_comm._get_global_gloo_group is comm._cpu_group
+    else:  # the per-machine group too
+        comm.create_local_process_group(1)
+        assert made[1]["timeout"] == timedelta(seconds=42)
+
+
+@pytest.mark.plain
+def test_a_lost_peer_is_a_collective_failure_not_any_mention_of_nccl(monkeypatch):
+    import torch.distributed as dist
+
+    from scrl_d2.engine import defaults
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(defaults.comm, "get_world_size", lambda: 2)
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:4")
+    assert defaults.peer_lost(gloo) and defaults._exit_code(gloo) == defaults.EXIT_PEER_LOST
+    assert defaults.peer_lost(dist.DistBackendError("NCCL communicator was aborted on rank 1"))
+    for e in (RuntimeError("CUDA error: an illegal memory access (NCCL_DEBUG=INFO for details)"),
+              RuntimeError("NCCL version 2.21 is too old for this feature")):
+        assert not defaults.peer_lost(e) and defaults._exit_code(e) is None  # a bug: traceback, exit 1
+
+
+@pytest.mark.plain
+def test_only_diagnosed_bad_input_is_exit_status_2():
+    from scrl_d2.config import ConfigError
+    from scrl_d2.engine.defaults import EXIT_BAD_INPUT, _exit_code
+    from scrl_d2.utils.errors import InputFileNotFoundError, InputKeyError, InputValueError
+
+    for e in (ValueError("math domain error"), KeyError("res5"), FileNotFoundError("/tmp/x"), ImportError("y"),
+              PermissionError("z")):
+        assert _exit_code(e) is None, e  # unexpected: the traceback is shown
+    for e in (ConfigError("SOLVER.BASE_LR: -1"), InputValueError("v"), InputKeyError("dataset 'x' is not registered"),
+              InputFileNotFoundError("/no/such")):
+        assert _exit_code(e) == EXIT_BAD_INPUT, e
+    assert str(InputKeyError("dataset 'x' is not registered")) == "dataset 'x' is not registered"
+    try:  # a diagnosis re-raised with the key added stays one
+        try:
+            raise InputFileNotFoundError("checkpoint not found: /w.pth")
+        except FileNotFoundError as inner:
+            raise FileNotFoundError(f"MODEL.WEIGHTS /w.pth: {inner}") from inner
+    except FileNotFoundError as outer:
+        assert _exit_code(outer) == EXIT_BAD_INPUT
+
+
+@pytest.mark.plain
+def test_a_bad_argument_is_one_line_without_the_usage_block(tmp_path):
+    r = run_cli("--num-gpus", "0", "--config-file", "x.yaml", check=False)
+    assert r.returncode == 2 and r.stderr.splitlines() == ["error: argument --num-gpus: 0: expected 1 or more"], \
+        r.stderr
+
+
+def _fault_env(tmp_path, fault: str) -> dict:
+    """A sitecustomize that makes every process of the run (spawned workers too) raise
+    ``fault`` where training starts: an unexpected error inside a run, as a bug raises it."""
+    d = tmp_path / "fault"
+    d.mkdir()
+    (d / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('SCRL_TEST_FAULT'):\n"
+        "    from scrl_d2.engine import trainer\n"
+        "    def train(self):\n"
+        f"        raise {fault}\n"
+        "    trainer.PretrainTrainer.train = train\n")
+    return {"PYTHONPATH": os.pathsep.join([str(d), os.environ.get("PYTHONPATH", "")]), "SCRL_TEST_FAULT": "1"}
+
+
+@pytest.mark.parametrize("fault", ["ValueError('an internal value a bug produced')",
+                                   "KeyError('res5.2.conv3.weight')"])
+def test_an_unexpected_error_inside_a_run_exits_1_with_its_traceback(tmp_path, image_folder, fault):
+    out = str(tmp_path / "bug")
+    r = run_cli(*tiny_opts(f"classes:{image_folder}", out), env_extra=_fault_env(tmp_path, fault), check=False)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback (most recent call last)" in r.stderr and fault.split("(")[0] in r.stderr
+    assert not r.stderr.strip().splitlines()[-1].startswith("error: ")  # not disguised as bad input
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "fatal error: " + fault.split("(")[0] in log and "Traceback (most recent call last)" in log
+
+
+def test_an_unexpected_error_is_in_every_process_log(tmp_path, image_folder):
+    out = str(tmp_path / "bug2")
+    r = run_cli("--num-gpus", "2", *tiny_opts(f"classes:{image_folder}", out), "SOLVER.IMS_PER_GPU", "4",
+                env_extra=_fault_env(tmp_path, "KeyError('an internal key')"), check=False)
+    assert r.returncode == 1 and "Traceback" in r.stderr, r.stderr[-3000:]
+    for name in ("log.txt", "log.txt.rank1"):
+        log = open(os.path.join(out, name)).read()
+        assert "fatal error: KeyError" in log and "Traceback (most recent call last)" in log, name

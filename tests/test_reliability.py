@@ -2,6 +2,7 @@
 divergence, restarts without a seed, interruptions between checkpoint and evaluation,
 a full disk, bad input, interrupted writes."""
 import glob
+import hashlib
 import json
 import os
 import stat
@@ -41,26 +42,44 @@ def test_two_processes_with_loader_workers_evaluate(tmp_path, image_folder, test
     # the linear evaluation keeps its last and best checkpoints only
     kept = {f for f in os.listdir(os.path.join(out, "linear_eval")) if f[11:-4].isdigit()}
     assert kept == {"checkpoint_3.pth", f"checkpoint_{res['best_epoch']}.pth"}, kept
+    # every file the run wrote (pretraining, probe, linear evaluation) loads without the unsafe unpickler
+    assert len(all_checkpoint_tensors_finite(out)) >= 4
 
 
 def all_checkpoint_tensors_finite(directory):
     files = glob.glob(os.path.join(directory, "**", "*.pth"), recursive=True)
     for f in files:
-        state = torch.load(f, map_location="cpu", weights_only=False)["model"]
+        state = torch.load(f, map_location="cpu", weights_only=True)["model"]
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         assert not bad, (f, bad[:3])
     return files
 
 
+def checkpoint_digests(directory):
+    return {f: hashlib.sha256(open(os.path.join(directory, f), "rb").read()).hexdigest()
+            for f in os.listdir(directory) if f.endswith(".pth")}
+
+
 @pytest.mark.parametrize("lr", ["1e30", "1e6"])
 def test_divergence_stops_the_run_without_a_non_finite_checkpoint(tmp_path, image_folder, test_split, lr):
+    """The run diverges after checkpoints exist (it resumes epoch 2 of 3 at the huge LR):
+    it stops naming the last good one, writes no non-finite tensor and leaves every
+    checkpoint written before as it was."""
     out = str(tmp_path / "div")
-    r = run_cli(*evaluating(image_folder, test_split, out), "SOLVER.BASE_LR", lr, "SOLVER.EPOCHS", "3", check=False)
+    opts = [*evaluating(image_folder, test_split, out), "SOLVER.EPOCHS", "3", "LINEAR_EVAL.ENABLED", "False",
+            "KNN.PERIOD", "0"]
+    run_cli(*opts, "SOLVER.MAX_ITER", "6")  # epoch 1 at the normal LR: checkpoint_1, checkpoint_best
+    before = checkpoint_digests(out)
+    assert "checkpoint_1.pth" in before and "checkpoint_best.pth" in before
+    r = run_cli(*opts, "SOLVER.BASE_LR", lr, check=False)
     assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
     err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and "training diverged" in err[0] and "Last good checkpoint" in err[0], err
-    assert "iteration" in err[0]
-    all_checkpoint_tensors_finite(out)
+    assert len(err) == 1 and "training diverged" in err[0] and "iteration" in err[0], err
+    assert f"Last good checkpoint: {os.path.join(out, 'checkpoint_1.pth')}" in err[0], err
+    after = checkpoint_digests(out)
+    assert {f: after.get(f) for f in before} == before  # nothing written before was touched
+    assert not set(after) - set(before) - {"checkpoint_last.pth"}, sorted(after)  # nor a new one written
+    assert len(all_checkpoint_tensors_finite(out)) >= 3
     assert "training diverged" in open(os.path.join(out, "log.txt")).read()  # the log has it too
 
 
@@ -84,6 +103,41 @@ def test_resume_without_a_seed_continues_the_run_seed(tmp_path, image_folder):
                         model_state(os.path.join(split, "checkpoint_2.pth")))
 
 
+def test_resume_with_only_iteration_checkpoints_keeps_the_run_seed(tmp_path, image_folder, monkeypatch):
+    """SEED -1, killed after an iteration checkpoint (SOLVER.CHECKPOINT_PERIOD) but before
+    any epoch checkpoint: the rerun resumes with the run's seed and keeps its config.yaml,
+    and every checkpoint it reads and writes loads without the unsafe unpickler."""
+    monkeypatch.delenv("SCRL_D2_UNSAFE_LOAD", raising=False)
+    data = f"classes:{image_folder}"
+    split, straight = str(tmp_path / "split"), str(tmp_path / "straight")
+    unseeded = tiny_opts(data, split)
+    unseeded[unseeded.index("SEED") + 1] = "-1"
+    unseeded += ["SOLVER.CHECKPOINT_PERIOD", "2", "LINEAR_EVAL.ENABLED", "False"]
+    run_cli(*unseeded, "SOLVER.MAX_ITER", "5")  # iteration checkpoints after steps 2 and 4
+    # what a kill right after the iteration checkpoint of step 4 leaves: no checkpoint_* file
+    for f in glob.glob(os.path.join(split, "checkpoint_*")):
+        os.remove(f)
+    with open(os.path.join(split, "last_checkpoint"), "w") as f:
+        f.write("model_0000003.pth")
+    assert sorted(f for f in os.listdir(split) if f.endswith(".pth")) == ["model_0000001.pth", "model_0000003.pth"]
+    with open(os.path.join(split, "config.yaml")) as f:
+        config_first = f.read()
+    seed = int(next(line.split(":")[1] for line in config_first.splitlines() if line.startswith("SEED:")))
+    r = run_cli(*unseeded)  # the same command again, SEED -1
+    assert "resumed at epoch 0, iteration 4" in r.stdout, r.stdout[-3000:]
+    assert f"with its seed {seed}" in r.stdout and "data order from here on differs" not in r.stdout
+    with open(os.path.join(split, "config.yaml")) as f:
+        assert f.read() == config_first  # the run's own config is kept
+    seeded = tiny_opts(data, straight)
+    seeded[seeded.index("SEED") + 1] = str(seed)
+    run_cli(*seeded, "LINEAR_EVAL.ENABLED", "False")
+    assert_same_weights(model_state(os.path.join(straight, "checkpoint_2.pth")),
+                        model_state(os.path.join(split, "checkpoint_2.pth")))
+    for f in glob.glob(os.path.join(split, "*.pth")):
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(f) == [], f
+        torch.load(f, map_location="cpu", weights_only=True)
+
+
 def test_interruption_between_checkpoint_and_evaluation_keeps_the_record(tmp_path, image_folder, test_split):
     """Evaluations run before the epoch's checkpoint and are part of it: stopping the run
     right after any checkpoint and resuming gives an uninterrupted run's record."""
@@ -99,8 +153,8 @@ def test_interruption_between_checkpoint_and_evaluation_keeps_the_record(tmp_pat
     a = json.load(open(os.path.join(straight, "probe_eval.json")))
     b = json.load(open(os.path.join(split, "probe_eval.json")))
     assert a == b and [h["epoch"] for h in b] == [1, 2, 3]
-    best_a = torch.load(os.path.join(straight, "checkpoint_best.pth"), weights_only=False)
-    best_b = torch.load(os.path.join(split, "checkpoint_best.pth"), weights_only=False)
+    best_a = torch.load(os.path.join(straight, "checkpoint_best.pth"), weights_only=True)
+    best_b = torch.load(os.path.join(split, "checkpoint_best.pth"), weights_only=True)
     assert best_a["trainer"]["best_probe_epoch"] == best_b["trainer"]["best_probe_epoch"]
     assert_same_weights(best_a["model"], best_b["model"])
 
@@ -113,7 +167,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(tmp_path, imag
     cfg = tiny_cfg(f"classes:{image_folder}", out=out)
     trainer = PretrainTrainer(cfg)
     trainer.train()  # 2 epochs: checkpoint_1, checkpoint_2
-    good = torch.load(os.path.join(out, "checkpoint_last.pth"), weights_only=False)
+    good = torch.load(os.path.join(out, "checkpoint_last.pth"), weights_only=True)
     real_save = torch.save
 
     def full(obj, f, *a, **k):  # what torch.save raises when the disk fills up mid-write
@@ -128,20 +182,27 @@ def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(tmp_path, imag
     # a non-essential file (checkpoint_best) only warns
     trainer.save_checkpoint("checkpoint_best", essential=False)
     monkeypatch.setattr(io.torch, "save", real_save)
-    again = torch.load(os.path.join(out, "checkpoint_last.pth"), weights_only=False)
+    again = torch.load(os.path.join(out, "checkpoint_last.pth"), weights_only=True)
     assert_same_weights(good["model"], again["model"])
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
 def test_atomic_files_take_the_umask_mode_and_stale_temporaries_go(tmp_path):
+    """The mode is the umask's at the time of the write (as open() gives), whatever it
+    was when the module was imported."""
     from scrl_d2.checkpoint import Checkpointer, atomic_torch_save
 
-    old = os.umask(0o022)
-    try:
-        atomic_torch_save({"x": torch.zeros(2)}, str(tmp_path / "a.pth"))
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE(os.stat(tmp_path / "a.pth").st_mode) == 0o644
+    for mask, mode in [(0o027, 0o640), (0o002, 0o664), (0o022, 0o644)]:
+        old = os.umask(mask)
+        try:
+            atomic_torch_save({"x": torch.zeros(2)}, str(tmp_path / "a.pth"))
+            with open(tmp_path / "plain", "w"):
+                pass
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(os.stat(tmp_path / "a.pth").st_mode) == mode, oct(mask)
+        assert stat.S_IMODE(os.stat(tmp_path / "plain").st_mode) == mode  # what open() gives
+        os.remove(tmp_path / "plain")
     (tmp_path / ".checkpoint_3.pth.eg0vupi7.tmp").write_bytes(b"half")  # a write a kill interrupted
     (tmp_path / "notes.tmp").write_text("not ours")
     Checkpointer(torch.nn.Linear(1, 1), str(tmp_path))
@@ -185,4 +246,63 @@ def test_bad_input_is_one_line_and_exit_status_2(tmp_path, image_folder, opts, e
 @pytest.mark.parametrize("n", ["0", "-1"])
 def test_num_gpus_must_be_positive(tmp_path, image_folder, n):
     r = run_cli("--num-gpus", n, *tiny_opts(f"classes:{image_folder}", str(tmp_path / "o")), check=False)
-    assert r.returncode == 2 and "--num-gpus" in r.stderr and "expected 1 or more" in r.stderr
+    assert r.returncode == 2 and r.stderr.splitlines() == [f"error: argument --num-gpus: {n}: expected 1 or more"], \
+        r.stderr
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_a_value_refused_at_start_up_writes_nothing(tmp_path, image_folder):
+    """The README's example of bad input: stopped before any process starts, so there is
+    no log.txt to hold a traceback (nor anything else)."""
+    out = tmp_path / "o"
+    r = run_cli(*tiny_opts(f"classes:{image_folder}", str(out)), "SOLVER.IMS_PER_GPU", "0", check=False)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "error: SOLVER.IMS_PER_GPU: 0 is not valid; expected an integer >= 1 (images per process)"], r.stderr
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_bad_input_inside_a_run_is_in_every_process_log_with_its_traceback(tmp_path, image_folder, debug):
+    """A bad input found inside the run (MODEL.WEIGHTS, read by every process): one line
+    per process and exit status 2; each process's log.txt has the traceback;
+    SCRL_D2_DEBUG=1 prints it on stderr too, the status unchanged."""
+    out, missing = str(tmp_path / "o"), str(tmp_path / "no_such_weights.pth")
+    r = run_cli("--num-gpus", "2", *tiny_opts(f"classes:{image_folder}", out), "SOLVER.IMS_PER_GPU", "4",
+                "MODEL.WEIGHTS", missing, env_extra={"SCRL_D2_DEBUG": "1"} if debug else {"SCRL_D2_DEBUG": ""},
+                check=False)
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = [x for x in r.stderr.splitlines() if x.startswith(("[rank", "error:"))]
+    assert len(lines) == 2 and all(f"error: MODEL.WEIGHTS {missing}: checkpoint not found" in x for x in lines), lines
+    assert ("Traceback (most recent call last)" in r.stderr) == debug, r.stderr[-3000:]
+    for name in ("log.txt", "log.txt.rank1"):
+        log = open(os.path.join(out, name)).read()
+        assert "fatal error: " in log and "Traceback (most recent call last)" in log and missing in log, name
+
+
+def _payload_checkpoint(tmp_path):
+    """A .pth whose unpickling would write a marker file (any code could run there),
+    beside real ResNet-18 weights."""
+    import builtins
+
+    import torchvision
+
+    marker = tmp_path / "payload_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return builtins.exec, (f"open({str(marker)!r}, 'w').close()",)
+
+    path = tmp_path / "weights.pth"
+    torch.save({**torchvision.models.resnet18().state_dict(), "extra": Payload()}, path)
+    return str(path), marker
+
+
+def test_model_weights_that_would_run_code_are_refused(tmp_path, image_folder):
+    path, marker = _payload_checkpoint(tmp_path)
+    r = run_cli(*tiny_opts(f"classes:{image_folder}", str(tmp_path / "out")), "MODEL.WEIGHTS", path,
+                "SOLVER.MAX_ITER", "1", check=False)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith(f"error: MODEL.WEIGHTS {path}") and "builtins.exec" in lines[0] and \
+        "--unsafe-load" in lines[0], lines
+    assert not marker.exists()

@@ -316,7 +316,7 @@ def test_tool_runs_resumes_only_missing_trials_and_prints_commands(tmp_path):
     assert cmd[cmd.index("SEED") + 1] == "2" and "--resume" in cmd
     printed = _tool("--output-dir", str(tmp_path / "p"), "--weights", "random=random", "--protocols",
                     "moco", "--launcher", "print")
-    assert printed.returncode == 0 and printed.stdout.count("train_net.py") == 5 * 2 + 4 + 2
+    assert printed.returncode == 0 and printed.stdout.count("-m scrl_d2.cli.train_net") == 5 * 2 + 4 + 2
     assert not (tmp_path / "p" / "runs").exists()
 
 

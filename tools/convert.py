@@ -1,41 +1,13 @@
 #!/usr/bin/env python
 """Convert a pretraining checkpoint's encoder into detection backbone weights.
 
-    python tools/convert.py output/scrl_pretrain_0/checkpoint_last.pth scrl_r50.pkl    # Detectron2
-    python tools/convert.py scrl_200ep.pth scrl_r50_tv.pth                            # torchvision
-    python tools/convert.py checkpoint_last.pth target.pkl --encoder target
+    python tools/convert.py output/scrl_pretrain_0/checkpoint_last.pth scrl_r50.pkl
 
-Inputs: scrl_d2 checkpoints (either backend), the official SCRL/BYOL release files, plain
-torchvision ResNet state dicts. The projector, predictor, target (or online) network,
-probe and optimizer state are dropped; the summary says what was.
-"""
-import argparse
+A thin script over :mod:`scrl_d2.cli.convert` (the same as ``python -m scrl_d2.cli.convert``);
+``--help`` and the module's docstring say the rest."""
 import sys
 
-from scrl_d2.checkpoint import LayoutError
-from scrl_d2.checkpoint.convert import convert_checkpoint
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help="checkpoint to read")
-    p.add_argument("output", help=".pkl for Detectron2, .pth for torchvision")
-    p.add_argument("--encoder", choices=["online", "target"], default="online",
-                   help="which encoder to keep (default: online)")
-    p.add_argument("--format", choices=["detectron2", "torchvision"], default=None,
-                   help="output format (default: from the output's extension)")
-    args = p.parse_args(argv)
-    try:
-        s = convert_checkpoint(args.input, args.output, args.encoder, args.format)
-    except (LayoutError, ValueError, FileNotFoundError) as e:
-        print(f"error: {args.input}: {e}\nnothing was written.", file=sys.stderr)
-        return 2
-    dropped = ", ".join(f"{k} ({n})" for k, n in s["dropped"].items()) or "nothing"
-    print(f"read {s['input']} ({s['layout']} layout), {s['encoder']} encoder: ResNet-{s['resnet_depth']}\n"
-          f"converted {s['tensors']} tensors -> {s['output']} ({s['format']} format)\n"
-          f"dropped: {dropped}")
-    return 0
-
+from scrl_d2.cli.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

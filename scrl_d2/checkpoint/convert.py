@@ -13,6 +13,7 @@ from typing import Dict, Optional
 
 import torch
 
+from ..utils.errors import InputValueError
 from .io import atomic_write, load_checkpoint_file
 from .layouts import LayoutError, d2_to_torchvision, extract_encoder, infer_resnet
 
@@ -22,15 +23,15 @@ __all__ = ["convert_checkpoint", "output_format"]
 def output_format(path: str, fmt: Optional[str] = None) -> str:
     if fmt:
         if fmt not in ("detectron2", "torchvision"):
-            raise ValueError(f"--format must be 'detectron2' or 'torchvision', got {fmt!r}")
+            raise InputValueError(f"--format must be 'detectron2' or 'torchvision', got {fmt!r}")
         return fmt
     ext = os.path.splitext(path)[1].lower()
     if ext == ".pkl":
         return "detectron2"
     if ext in (".pth", ".pt"):
         return "torchvision"
-    raise ValueError(f"cannot tell the output format from {path!r}: use a .pkl (Detectron2) or .pth "
-                     "(torchvision) name, or --format")
+    raise InputValueError(f"cannot tell the output format from {path!r}: use a .pkl (Detectron2) or .pth "
+                          "(torchvision) name, or --format")
 
 
 def convert_checkpoint(src: str, dst: str, encoder: str = "online", fmt: Optional[str] = None) -> Dict:

@@ -19,13 +19,15 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from ..utils.errors import InputValueError
+
 __all__ = ["torchvision_to_d2", "d2_to_torchvision", "extract_encoder", "infer_resnet", "LayoutError"]
 
 # torchvision children of ResNet as the release's encoder Sequential indexes them
 _OFFICIAL_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
 
 
-class LayoutError(ValueError):
+class LayoutError(InputValueError):
     """A file whose layout is not one we understand; the message shows example keys."""
 
 
@@ -72,7 +74,7 @@ def _examples(obj) -> str:
 def extract_encoder(ckpt, encoder: str = "online") -> Tuple[str, Dict[str, torch.Tensor], Dict[str, int]]:
     """``(layout, encoder state dict in Detectron2 names, {dropped group: tensors})``."""
     if encoder not in ("online", "target"):
-        raise ValueError(f"encoder must be 'online' or 'target', got {encoder!r}")
+        raise InputValueError(f"encoder must be 'online' or 'target', got {encoder!r}")
     if not isinstance(ckpt, dict):
         raise LayoutError(f"not a checkpoint dictionary: {_examples(ckpt)}")
     if "online_network_state_dict" in ckpt:  # the official release

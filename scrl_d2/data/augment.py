@@ -16,6 +16,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import pil_modes_mapping
 
+from ..utils.errors import InputValueError
+
 __all__ = ["ViewAugmentation", "TwoViewAugmentation", "random_resized_crop_params", "NUM_PARAMS",
            "JITTER_IDENTITY"]
 
@@ -93,12 +95,12 @@ class ViewAugmentation:
         try:
             self._interp = InterpolationMode(self.interpolation.lower())
         except ValueError as e:
-            raise ValueError(
+            raise InputValueError(
                 f"INPUT.INTERPOLATION: unknown interpolation {self.interpolation!r}; "
                 f"choose one of {[m.value for m in InterpolationMode]}"
             ) from e
         if self.blur_type not in ("resize", "gaussian"):
-            raise ValueError(f"INPUT.BLUR_TYPE: {self.blur_type!r} is not 'resize' or 'gaussian'")
+            raise InputValueError(f"INPUT.BLUR_TYPE: {self.blur_type!r} is not 'resize' or 'gaussian'")
 
     @property
     def pil_resample(self) -> int:
@@ -189,7 +191,7 @@ class TwoViewAugmentation:
         )
         for key in ("BLUR_PROB", "SOLARIZE_PROB"):
             if len(i[key]) != 2:
-                raise ValueError(f"INPUT.{key} must hold two values (view 1, view 2), got {i[key]}")
+                raise InputValueError(f"INPUT.{key} must hold two values (view 1, view 2), got {i[key]}")
         return cls([
             ViewAugmentation(blur_prob=i.BLUR_PROB[v], solarize_prob=i.SOLARIZE_PROB[v], **common)
             for v in (0, 1)

@@ -1,12 +1,12 @@
 """Data loaders built from a config: the seam between datasets and the engine."""
 import logging
-import signal
 from typing import List, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
 from ..utils import comm
+from ..utils.errors import InputValueError
 from .augment import TwoViewAugmentation
 from .boxes import BoxPairGenerator
 from .catalog import DatasetCatalog, MetadataCatalog, set_datasets_root
@@ -22,7 +22,7 @@ def get_dataset_dicts(names) -> Tuple[List[dict], int]:
     if isinstance(names, str):
         names = (names,)
     if not names:
-        raise ValueError("no dataset given (DATASETS.TRAIN is empty)")
+        raise InputValueError("no dataset given (DATASETS.TRAIN is empty)")
     dicts, num_classes = [], 0
     for name in names:
         d = DatasetCatalog.get(name)
@@ -40,19 +40,19 @@ def augment_on_device(cfg) -> bool:
     """Whether views are decoded and augmented on the training device (INPUT.AUGMENT_DEVICE)."""
     where = cfg.INPUT.AUGMENT_DEVICE
     if where not in ("cpu", "device"):
-        raise ValueError(f"INPUT.AUGMENT_DEVICE: {where!r} is not 'cpu' or 'device'")
+        raise InputValueError(f"INPUT.AUGMENT_DEVICE: {where!r} is not 'cpu' or 'device'")
     return where == "device"
 
 
 def _worker_init(_: int) -> None:
     # One intra-op thread per worker: parallelism comes from the workers themselves.
     torch.set_num_threads(1)
-    # SLURM sends its checkpoint signal (SIGUSR1 / SIGUSR2) to every process of a task:
-    # loader workers leave it to the trainer, which stops after its step (a worker that
-    # died of it would end the run before the checkpoint). SIGTERM keeps its default:
-    # it is how multiprocessing and the DataLoader end workers.
-    for s in (signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(s, signal.SIG_IGN)
+    # SLURM and torchrun signal loader workers too: they leave the stop to the trainer,
+    # which stops after its step (a worker that died of it would end the run before the
+    # checkpoint); SIGTERM from the DataLoader itself still ends them.
+    from ..engine.preemption import loader_worker_signals  # here: engine imports this module
+
+    loader_worker_signals()
 
 
 def _loader_kwargs(cfg) -> dict:

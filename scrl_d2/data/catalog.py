@@ -10,6 +10,7 @@ import os
 from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional
 
+from ..utils.errors import InputFileNotFoundError, InputKeyError
 from .index import shared_index
 
 __all__ = [
@@ -47,7 +48,7 @@ class _DatasetCatalog:
         if name.startswith("classes:"):
             return class_folder_dicts(name[len("classes:"):], name)
         if name not in self._funcs:
-            raise KeyError(
+            raise InputKeyError(
                 f"dataset {name!r} is not registered; registered: {sorted(self._funcs)} "
                 "(or use 'images:PATH' / 'classes:PATH')"
             )
@@ -77,7 +78,7 @@ MetadataCatalog = _MetadataCatalog()
 
 def _require_dir(path: str, name: str) -> None:
     if not os.path.isdir(path):
-        raise FileNotFoundError(
+        raise InputFileNotFoundError(
             f"dataset {name!r}: directory not found: {os.path.abspath(path)} "
             "(set DATASETS.ROOT or $SCRL_DATASETS, or pass the path explicitly)"
         )
@@ -102,7 +103,7 @@ def image_folder_dicts(root: str, name: Optional[str] = None) -> List[dict]:
 
     files = shared_index(root, "images", build)["files"]
     if not files:
-        raise FileNotFoundError(f"dataset {name!r}: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        raise InputFileNotFoundError(f"dataset {name!r}: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     MetadataCatalog.get(name).num_classes = 0
     return [{"file_name": os.path.join(root, f), "label": -1} for f in files]
 
@@ -119,11 +120,11 @@ def class_folder_dicts(root: str, name: Optional[str] = None) -> List[dict]:
     index = shared_index(root, "classes", build)  # listed once per job (and cached), not by every process
     classes = index["classes"]
     if not classes:
-        raise FileNotFoundError(f"dataset {name!r}: no class sub-folders under {root}")
+        raise InputFileNotFoundError(f"dataset {name!r}: no class sub-folders under {root}")
     dicts = [{"file_name": os.path.join(root, f), "label": label}
              for label, files in enumerate(index["files"]) for f in files]
     if not dicts:
-        raise FileNotFoundError(f"dataset {name!r}: no images in the class folders under {root}")
+        raise InputFileNotFoundError(f"dataset {name!r}: no images in the class folders under {root}")
     meta = MetadataCatalog.get(name)
     meta.classes, meta.num_classes = classes, len(classes)
     return dicts

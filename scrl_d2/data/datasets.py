@@ -13,6 +13,7 @@ from iopath.common.file_io import g_pathmgr
 from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import default_collate
 
+from ..utils.errors import InputValueError
 from .augment import TwoViewAugmentation
 from .boxes import BoxPairGenerator
 
@@ -109,7 +110,7 @@ class _RobustReader:
 
     def __init__(self, dicts: List[dict], exif_transpose: bool = False) -> None:
         if not dicts:
-            raise ValueError("the dataset is empty")
+            raise InputValueError("the dataset is empty")
         self.dicts = dicts
         self.exif_transpose = exif_transpose
         self._warned = set()
@@ -152,8 +153,8 @@ class PretrainDataset(torch.utils.data.Dataset):
                  max_crop_tries: int = 10, jpeg_draft: bool = True, decode_on_device: bool = False,
                  exif_transpose: bool = False) -> None:
         if exif_transpose and decode_on_device:
-            raise ValueError("INPUT.EXIF_TRANSPOSE True is not available with INPUT.AUGMENT_DEVICE device (the "
-                             "device decodes the stored orientation); use INPUT.AUGMENT_DEVICE cpu")
+            raise InputValueError("INPUT.EXIF_TRANSPOSE True is not available with INPUT.AUGMENT_DEVICE device (the "
+                                  "device decodes the stored orientation); use INPUT.AUGMENT_DEVICE cpu")
         self.reader = _RobustReader(dicts, exif_transpose)
         self.augmentation = augmentation
         self.box_generator = box_generator
@@ -281,7 +282,7 @@ class SeededSampler(torch.utils.data.Sampler):
         self.start_batch = 0
         self.iters_per_epoch = size // (batch_size * world_size)
         if self.iters_per_epoch == 0:
-            raise ValueError(
+            raise InputValueError(
                 f"the dataset has {size} images, fewer than one global batch "
                 f"({batch_size} per process x {world_size} processes); lower SOLVER.IMS_PER_GPU"
             )

@@ -2,6 +2,7 @@
 from typing import Dict
 
 from ..backend import use_detectron2
+from ..utils.errors import InputFileNotFoundError
 from . import datasets  # noqa: F401  (registers the COCO-format datasets)
 from .datasets import get_coco_json, register_coco_json
 from .synthetic import ensure_synthetic_detection
@@ -37,7 +38,8 @@ def run_finetune(cfg, resume: bool = False, eval_only: bool = False) -> Dict:
     trainer = TorchvisionDetectionTrainer(cfg)
     if eval_only:
         if not cfg.MODEL.WEIGHTS and not trainer.checkpointer.has_checkpoint():
-            raise FileNotFoundError("--eval-only: set MODEL.WEIGHTS to a fine-tuned detector (or OUTPUT_DIR to a run)")
+            raise InputFileNotFoundError("--eval-only: set MODEL.WEIGHTS to a fine-tuned detector (or OUTPUT_DIR to "
+                                         "a run)")
         trainer.resume_or_load(resume=resume or not cfg.MODEL.WEIGHTS)
         return trainer.evaluate(tag="eval-only")
     trainer.resume_or_load(resume=resume)

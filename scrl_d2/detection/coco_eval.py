@@ -16,6 +16,7 @@ from pycocotools.cocoeval import COCOeval
 
 from ..checkpoint import atomic_write
 from ..utils import comm
+from ..utils.errors import InputValueError
 
 __all__ = ["predictions_to_coco", "evaluate_predictions", "print_results", "results_json", "METRICS"]
 
@@ -75,8 +76,8 @@ def evaluate_predictions(coco_gt, results: List[Dict], iou_types: List[str], cla
             if iou_type == "keypoints" and len(kpt_oks_sigmas):
                 n = next((len(a["keypoints"]) // 3 for a in coco_gt.dataset["annotations"] if "keypoints" in a), 0)
                 if len(kpt_oks_sigmas) != n:
-                    raise ValueError(f"TEST.KEYPOINT_OKS_SIGMAS has {len(kpt_oks_sigmas)} values; the dataset's "
-                                     f"keypoints number {n}")
+                    raise InputValueError(f"TEST.KEYPOINT_OKS_SIGMAS has {len(kpt_oks_sigmas)} values; the dataset's "
+                                          f"keypoints number {n}")
                 ev.params.kpt_oks_sigmas = np.array(kpt_oks_sigmas)
             ev.evaluate()
             ev.accumulate()

@@ -2,8 +2,11 @@
 import importlib
 import importlib.abc
 import importlib.machinery
+import multiprocessing
 import sys
 import types
+
+from ..utils.errors import InputImportError
 
 __all__ = ["alias_cityscapesscripts", "numpy_compat"]
 
@@ -40,8 +43,8 @@ def alias_cityscapesscripts() -> None:
     try:
         importlib.import_module("cityscapesscripts")
     except ImportError:
-        raise ImportError("the Cityscapes protocol needs `cityscapesscripts` (pip install cityscapesscripts; "
-                          "Detectron2's Cityscapes loader and evaluator use it)") from None
+        raise InputImportError("the Cityscapes protocol needs `cityscapesscripts` (pip install cityscapesscripts; "
+                               "Detectron2's Cityscapes loader and evaluator use it)") from None
     parts = _INTERNAL.split(".")
     for i in range(1, len(parts)):  # the empty parent packages
         name = ".".join(parts[:i])
@@ -51,6 +54,35 @@ def alias_cityscapesscripts() -> None:
             sys.modules[name] = module
     sys.meta_path.insert(0, _Alias())
     _cityscapes_json_writer()
+    _cityscapes_pool_without_fork()
+
+
+class _ForkserverPools:
+    """Stands in for the ``multiprocessing`` module in Detectron2's Cityscapes loader: its
+    ``Pool`` starts workers from a forkserver (with the alias above installed in them)."""
+
+    cpu_count = staticmethod(multiprocessing.cpu_count)
+
+    @staticmethod
+    def Pool(processes=None):  # noqa: N802  (multiprocessing's name)
+        ctx = multiprocessing.get_context("forkserver")
+        # imported once by the server (if it is not running yet), not by every worker
+        ctx.set_forkserver_preload(["scrl_d2.detection.d2_compat", "detectron2.data.datasets.cityscapes"])
+        return ctx.Pool(processes, initializer=alias_cityscapesscripts)
+
+
+def _cityscapes_pool_without_fork() -> None:
+    """Detectron2's Cityscapes loader parses the annotations in a ``multiprocessing.Pool``
+    forked from the calling process: the trainer, at start-up and at every evaluation, while
+    other threads run (TensorBoard's writer, loader threads). A worker forked while one of
+    them held a lock waits forever, and the run with it (seen: a test session hung in the
+    Cityscapes protocol). Its workers start from a forkserver instead, a process with one
+    thread."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return
+    from detectron2.data.datasets import cityscapes
+
+    cityscapes.mp = _ForkserverPools
 
 
 def _cityscapes_json_writer() -> None:

@@ -18,6 +18,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 from ..backend import detectron2_available
 from ..data import catalog
+from ..utils.errors import InputFileNotFoundError, InputKeyError
 from .synthetic import ensure_synthetic_detection
 
 __all__ = ["DETECTION_DATASETS", "DetectionDataset", "register_coco_json", "get_coco_json", "get_dataset",
@@ -71,7 +72,7 @@ def register_coco_json(name: str, json_file, image_root=None, evaluator: str = "
 
 def get_dataset(name: str) -> DetectionDataset:
     if name not in DETECTION_DATASETS:
-        raise KeyError(f"detection dataset {name!r} is not registered; registered: {sorted(DETECTION_DATASETS)}")
+        raise InputKeyError(f"detection dataset {name!r} is not registered; registered: {sorted(DETECTION_DATASETS)}")
     return DETECTION_DATASETS[name]
 
 
@@ -84,8 +85,8 @@ def check_dataset_files(name: str) -> Dict[str, str]:
         is_file = key.endswith("_file")
         if not (os.path.isfile(path) if is_file else os.path.isdir(path)):
             what = "annotation file" if is_file else "folder"
-            raise FileNotFoundError(f"detection dataset {name!r}: {what} not found: {os.path.abspath(path)} "
-                                    "(set DATASETS.ROOT, $SCRL_DATASETS or $DETECTRON2_DATASETS)")
+            raise InputFileNotFoundError(f"detection dataset {name!r}: {what} not found: {os.path.abspath(path)} "
+                                         "(set DATASETS.ROOT, $SCRL_DATASETS or $DETECTRON2_DATASETS)")
     if detectron2_available():
         if ds.kind in ("cityscapes", "lvis"):
             from .d2_compat import alias_cityscapesscripts, numpy_compat

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..data.demo import generate_once
+from ..utils.errors import InputValueError
 from .synthetic import _render
 from .voc import VOC_CLASSES
 
@@ -205,7 +206,7 @@ def make_miniature(root: str, formats: Sequence[str] = FORMATS) -> str:
     format: a finished folder or none). Returns ``root``, to use as ``DATASETS.ROOT``."""
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
-        raise ValueError(f"miniature dataset formats {unknown} unknown; available: {list(FORMATS)}")
+        raise InputValueError(f"miniature dataset formats {unknown} unknown; available: {list(FORMATS)}")
     writers = {"coco": _write_coco, "voc": _write_voc, "cityscapes": _write_cityscapes, "lvis": _write_lvis}
     needs = {"lvis": ("coco",)}  # LVIS's images are COCO's
     order = []

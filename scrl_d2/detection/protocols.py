@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
+from ..utils.errors import InputKeyError
+
 __all__ = ["Protocol", "PROTOCOLS", "get_protocol", "MINIATURE", "miniature_overrides", "miniature_formats",
            "CONFIGS_DIR", "GROUPS"]
 
@@ -257,7 +259,7 @@ def miniature_overrides(protocol: Protocol, root: str, trial: int = 1) -> List[s
 
 def get_protocol(name: str) -> Protocol:
     if name not in PROTOCOLS:
-        raise KeyError(f"unknown protocol {name!r}; available: {', '.join(PROTOCOLS)}")
+        raise InputKeyError(f"unknown protocol {name!r}; available: {', '.join(PROTOCOLS)}")
     return PROTOCOLS[name]
 
 

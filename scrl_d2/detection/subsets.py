@@ -15,6 +15,8 @@ from typing import List
 
 import numpy as np
 
+from ..utils.errors import InputValueError
+
 __all__ = ["SUBSETS", "SEEDS", "COCO_TRAIN2017_IMAGES", "subset_size", "subset_indices", "permutation"]
 
 SUBSETS = (1, 10)  # percent of the images
@@ -40,7 +42,7 @@ def _shipped() -> dict:
 def subset_indices(num_images: int, pct: int, seed: int) -> List[int]:
     """Indices (into the image ids sorted ascending) of subset ``(pct, seed)``."""
     if pct not in SUBSETS or seed not in SEEDS:
-        raise ValueError(f"COCO subset {pct}% seed {seed}: available {list(SUBSETS)}% x seeds {list(SEEDS)}")
+        raise InputValueError(f"COCO subset {pct}% seed {seed}: available {list(SUBSETS)}% x seeds {list(SEEDS)}")
     k = subset_size(num_images, pct)
     if num_images == COCO_TRAIN2017_IMAGES:
         order = _shipped()["seeds"][str(seed)]

@@ -3,23 +3,25 @@ R-CNN FPN and RetinaNet on COCO-json or Pascal VOC data, iteration-based SGD wit
 warm-up and step decay, multi-process, mixed precision, checkpoints and resume, periodic
 and final evaluation (COCO AP with pycocotools, or Detectron2's VOC AP)."""
 import contextlib
-import json
 import logging
 import os
 import time
-from typing import Dict, Iterator, List
+from typing import Dict, List
 
 import numpy as np
 import torch
 
 from ..checkpoint import Checkpointer, atomic_write
 from ..engine.ddp import create_ddp_model
-from ..engine.preemption import StopSignals
-from ..engine.defaults import TrainingDiverged, resolve_device
-from ..engine.trainer import amp_dtype
+from ..engine.defaults import resolve_device
+from ..engine.hooks import EventWriters, HookBase, IterationCheckpointer, StepMetrics, default_writers
+from ..engine.step import amp_dtype, build_grad_scaler, optimization_step
+from ..engine.train_loop import TrainerBase
 from ..utils import comm
+from ..utils.errors import InputValueError
 from .coco_data import build_detection_dataset, collate
 from .coco_eval import evaluate_predictions, predictions_to_coco, results_json
+from .sampler import SeededItems, TrainingBatches, ignore_stop_signals
 from .torchvision_model import build_torchvision_detector, load_detector_weights
 
 __all__ = ["TorchvisionDetectionTrainer", "lr_at"]
@@ -58,78 +60,139 @@ def param_groups(model: torch.nn.Module, cfg) -> List[Dict]:
     return [{"params": ps, "weight_decay": wd, "lr_factor": f} for (wd, f), ps in groups.items()]
 
 
-class _Infinite(torch.utils.data.Sampler):
-    """An endless, shuffled, per-process stream of indices, reproducible from (seed, start)."""
+class FinalCheckpointer(HookBase):
+    """``model_final.pth`` after the last iteration (Detectron2's PeriodicCheckpointer)."""
 
-    def __init__(self, size: int, seed: int, start: int = 0):
-        self.size, self.seed, self.start = size, seed, start
-        self.rank, self.world = comm.get_rank(), comm.get_world_size()
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed + self.start)
-        while True:
-            yield from torch.randperm(self.size, generator=g)[self.rank::self.world].tolist()
+    def after_step(self) -> None:
+        t = self.trainer
+        if t.iter == t.max_iter - 1:
+            t.save_checkpoint("model_final", iteration=t.iter)
 
 
-class _AspectRatioGrouped(torch.utils.data.Sampler):
-    """Detectron2's ASPECT_RATIO_GROUPING: indices from ``sampler`` go to one of two
-    buckets (landscape w > h, or not); a bucket that fills is the next batch. Batches then
-    pad to similar shapes."""
+class PreciseBN(HookBase):
+    """Detectron2's PreciseBN hook: the batch-norm statistics recomputed every EVAL_PERIOD
+    and after the last iteration, before that step's checkpoint and evaluation."""
 
-    def __init__(self, sampler, buckets: List[int], batch_size: int):
-        self.sampler, self.buckets, self.batch_size = sampler, buckets, batch_size
+    def __init__(self, period: int):
+        self.period = period
 
-    def __iter__(self) -> Iterator[List[int]]:
-        pending: List[List[int]] = [[], []]
-        for i in self.sampler:
-            bucket = pending[self.buckets[i]]
-            bucket.append(i)
-            if len(bucket) == self.batch_size:
-                yield bucket[:]
-                bucket.clear()
+    def after_step(self) -> None:
+        t = self.trainer
+        done = t.iter + 1
+        if done == t.max_iter or (self.period > 0 and done % self.period == 0):
+            t._precise_bn()
 
 
-class TorchvisionDetectionTrainer:
+class EvalHook(HookBase):
+    """Detectron2's EvalHook: an evaluation every EVAL_PERIOD iterations (its metrics go to
+    the storage, so to metrics.json) and the final one after training, which alone writes
+    ``results.json``: a run with ``results.json`` is complete. A run resumed from its
+    final checkpoint evaluates again."""
+
+    def __init__(self, period: int):
+        self.period = period
+
+    def _put(self, results: Dict) -> None:
+        flat = {}
+        for name, res in results.items():
+            if isinstance(res, dict) and all(isinstance(v, dict) for v in res.values()):
+                flat.update({f"{name}/{task}/{m}": v for task, r in res.items() for m, v in r.items()})
+            elif isinstance(res, dict):
+                flat.update({f"{name}/{m}": v for m, v in res.items()})
+        self.trainer.storage.put_scalars(**{k: float(v) for k, v in flat.items()
+                                            if isinstance(v, (int, float)) and v == v}, smoothing_hint=False)
+
+    def after_step(self) -> None:
+        t = self.trainer
+        done = t.iter + 1
+        if done == t.max_iter:  # as Detectron2: the final evaluation's metrics go with the last step's
+            self._final()
+        elif self.period > 0 and done % self.period == 0:
+            self._put(t.evaluate(tag=f"iter{done}"))
+
+    def _final(self) -> None:
+        t = self.trainer
+        t.results = t.evaluate(tag="final")
+        self._put(t.results)
+        self._done = True
+
+    def after_train(self) -> None:
+        # a run resumed from its final checkpoint (stopped before or during the final evaluation)
+        t = self.trainer
+        if t.iter == t.max_iter and not getattr(self, "_done", False):
+            self._final()
+
+
+class TorchvisionDetectionTrainer(TrainerBase):
+    """Fine-tuning without Detectron2 on the project's one training loop
+    (:class:`~scrl_d2.engine.train_loop.TrainerBase`): the data order resumes exactly
+    (:mod:`.sampler`), stop signals checkpoint and stop every process (loader workers
+    ignore them), a non-finite loss stops every process (exit 3), checkpoints carry
+    Detectron2's names (``model_{iter:07d}.pth``, ``model_final.pth``)."""
+
     def __init__(self, cfg):
+        super().__init__()
         self.cfg = cfg
         self.device = resolve_device(cfg)
-        self.world = comm.get_world_size()
+        self.world = self.world_size = comm.get_world_size()
+        s = cfg.SOLVER
+        if s.MAX_ITER <= 0:
+            raise InputValueError(f"SOLVER.MAX_ITER: {s.MAX_ITER}; detection fine-tuning needs MAX_ITER > 0")
+        if s.IMS_PER_BATCH % self.world:
+            raise InputValueError(f"SOLVER.IMS_PER_BATCH {s.IMS_PER_BATCH} is not divisible by {self.world} "
+                                  "processes")
         model = build_torchvision_detector(cfg)  # SyncBN also synchronises CPU processes (gloo)
         self.model = model.to(self.device)
-        s = cfg.SOLVER
         groups = param_groups(model, cfg)
         # kept apart: a loaded optimizer state replaces the groups' settings (older checkpoints lack the key)
         self.lr_factors = [g.pop("lr_factor") for g in groups]
         self.optimizer = torch.optim.SGD(groups, lr=s.BASE_LR, momentum=s.MOMENTUM, weight_decay=s.WEIGHT_DECAY,
                                          nesterov=s.NESTEROV)
         self.dtype = amp_dtype(cfg, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type,
-                                           enabled=self.dtype == torch.float16 and self.device.type == "cuda")
+        self.scaler = build_grad_scaler(self.dtype, self.device)
         self.ddp = create_ddp_model(model, self.device)
         self.checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(),
                                          optimizer=self.optimizer, scaler=self.scaler)
-        self.start_iter = 0
-        if s.IMS_PER_BATCH % self.world:
-            raise ValueError(f"SOLVER.IMS_PER_BATCH {s.IMS_PER_BATCH} is not divisible by {self.world} processes")
+        self.max_iter = s.MAX_ITER
+        self.global_batch = s.IMS_PER_BATCH
+        self.lr = 0.0
+        self.results: Dict = {}
+        self.register_hooks(self.build_hooks())
         logger.info(f"fine-tuning with the torchvision path (no Detectron2): "
                     f"{type(model).__name__}, ResNet-{cfg.MODEL.RESNETS.DEPTH}-FPN, norm {cfg.MODEL.RESNETS.NORM}, "
                     f"{self.world} process(es) on {self.device}, mixed precision {self.dtype or 'off'}")
 
+    def build_hooks(self) -> List[HookBase]:
+        """Detectron2's DefaultTrainer order: metrics, PreciseBN, checkpoints, evaluation,
+        writers (last)."""
+        cfg = self.cfg
+        hooks: List[HookBase] = [StepMetrics()]
+        if cfg.TEST.PRECISE_BN.ENABLED:
+            hooks.append(PreciseBN(cfg.TEST.EVAL_PERIOD))
+        if cfg.SOLVER.CHECKPOINT_PERIOD > 0:
+            hooks.append(IterationCheckpointer(cfg.SOLVER.CHECKPOINT_PERIOD))
+        hooks += [FinalCheckpointer(), EvalHook(cfg.TEST.EVAL_PERIOD),
+                  EventWriters(lambda: default_writers(cfg.OUTPUT_DIR, self.max_iter))]
+        return hooks
+
     # ------------------------------------------------------------------ weights
-    def resume_or_load(self, resume: bool) -> None:
+    def resume_or_load(self, resume: bool) -> bool:
+        """Continue from the newest checkpoint of OUTPUT_DIR (weights, optimizer, scaler,
+        iteration, random generators) when ``resume`` and there is one; else start from
+        MODEL.WEIGHTS. Returns whether it resumed."""
         if resume and self.checkpointer.has_checkpoint():
-            path = self.checkpointer.get_checkpoint_file()
-            extra = self.checkpointer.load(path)
-            self.start_iter = int(extra.get("iteration", -1)) + 1
-            logger.info(f"resumed from {path} at iteration {self.start_iter}")
-        elif self.cfg.MODEL.WEIGHTS:
+            self.resume(self.checkpointer.get_checkpoint_file())
+            logger.info(f"resumed at iteration {self.iter}")  # (TrainerBase.resume logged the file)
+            return True
+        if self.cfg.MODEL.WEIGHTS:
             what = load_detector_weights(self.model, self.cfg.MODEL.WEIGHTS)
             logger.info(f"initialised {what} from {self.cfg.MODEL.WEIGHTS}")
         else:
             logger.warning("MODEL.WEIGHTS is empty: training from random initialisation")
+        return False
 
     # ------------------------------------------------------------------ data
-    def _loader(self, names, train: bool):
+    def _loader(self, names, train: bool, start_iter: int = 0):
         cfg = self.cfg
         ds = build_detection_dataset(names, train=train, with_masks=cfg.MODEL.MASK_ON,
                                      with_keypoints=cfg.MODEL.KEYPOINT_ON, flip=cfg.INPUT.RANDOM_FLIP,
@@ -141,22 +204,25 @@ class TorchvisionDetectionTrainer:
                         if cfg.MODEL.META_ARCHITECTURE == "RetinaNet"
                         else ("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES))
         if len(ds.class_names) != classes:
-            raise ValueError(f"{key} is {classes} but dataset(s) {', '.join(names)} have {len(ds.class_names)} "
+            raise InputValueError(f"{key} is {classes} but dataset(s) {', '.join(names)} have {len(ds.class_names)} "
                              "classes")
         if train:
-            # SEED < 0: a random data order, the same on every process (Detectron2's shared_random_seed)
+            # SEED < 0: a random data order, the same on every process (Detectron2's shared_random_seed;
+            # default_setup draws it once per run and keeps it in config.yaml)
             seed = cfg.SEED if cfg.SEED >= 0 else comm.all_gather(int(np.random.randint(2 ** 31)))[0]
-            sampler = _Infinite(len(ds), seed, self.start_iter)
-            per_process = cfg.SOLVER.IMS_PER_BATCH // self.world
-            if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
-                batches = _AspectRatioGrouped(sampler, ds.buckets, per_process)
-            else:
-                batches = torch.utils.data.BatchSampler(sampler, per_process, drop_last=False)
-            return ds, torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers,
-                                                   collate_fn=collate, pin_memory=self.device.type == "cuda")
+            batches = TrainingBatches(len(ds), cfg.SOLVER.IMS_PER_BATCH // self.world, seed, start_iter,
+                                      ds.buckets if cfg.DATALOADER.ASPECT_RATIO_GROUPING else None)
+            # the loader's own generator: creating its iterator must not draw from torch's global one,
+            # whose state a resumed run restores (RoI sampling and multi-scale sizes draw from it)
+            return ds, torch.utils.data.DataLoader(SeededItems(ds), batch_sampler=batches, num_workers=workers,
+                                                   collate_fn=collate, pin_memory=self.device.type == "cuda",
+                                                   worker_init_fn=ignore_stop_signals,
+                                                   generator=torch.Generator().manual_seed(seed))
         shard = list(range(comm.get_rank(), len(ds), self.world))
         return ds, torch.utils.data.DataLoader(torch.utils.data.Subset(ds, shard), batch_size=1, shuffle=False,
-                                               num_workers=workers, collate_fn=collate)
+                                               num_workers=workers, collate_fn=collate,
+                                               worker_init_fn=ignore_stop_signals,
+                                               generator=torch.Generator().manual_seed(0))
 
     def _autocast(self):
         return (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None
@@ -164,68 +230,30 @@ class TorchvisionDetectionTrainer:
 
     # ------------------------------------------------------------------ train
     def train(self) -> Dict:
-        cfg = self.cfg
-        max_iter = cfg.SOLVER.MAX_ITER
-        if max_iter <= 0:
-            raise ValueError("SOLVER.MAX_ITER must be > 0 for detection fine-tuning")
-        _, loader = self._loader(cfg.DATASETS.TRAIN, train=True)
-        data = iter(loader)
-        metrics_path = os.path.join(cfg.OUTPUT_DIR, "metrics.json")
-        log = open(metrics_path, "a") if comm.is_main_process() else None
-        logger.info(f"starting training from iteration {self.start_iter} to {max_iter}")
-        window, t0 = [], time.perf_counter()
-        with StopSignals() as stop:
-            self._train_steps(data, log, stop, max_iter, window, t0)
-        self.checkpointer.save("model_final", iteration=max_iter - 1)
-        results = self.evaluate(tag="final")
-        if log:
-            log.close()
-        return results
+        """Train from the current iteration to SOLVER.MAX_ITER, then evaluate; returns the
+        final results (also in ``results.json``)."""
+        logger.info(f"starting training from iteration {self.iter} to {self.max_iter}")
+        super().train()
+        return self.results
 
-    def _train_steps(self, data, log, stop: StopSignals, max_iter: int, window, t0) -> None:
-        cfg = self.cfg
-        for it in range(self.start_iter, max_iter):
-            lr = lr_at(cfg, it)
-            for g, factor in zip(self.optimizer.param_groups, self.lr_factors):
-                g["lr"] = lr * factor
-            images, targets = next(data)
-            images = [im.to(self.device, non_blocking=True).float() / 255.0 for im in images]
-            targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-            self.ddp.train()
-            with self._autocast():
-                losses = self.ddp(images, targets)
-            total = sum(losses.values())
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            window.append({k: v.detach() for k, v in losses.items()})
-            done = it + 1
-            if done % cfg.LOG_PERIOD == 0 or done == max_iter or done == self.start_iter + 1:
-                vals = {k: float(torch.stack([w[k] for w in window]).mean()) for k in window[0]}
-                vals["total_loss"] = sum(vals.values())
-                dt = (time.perf_counter() - t0) / len(window)
-                if not all(map(lambda v: v == v and abs(v) != float("inf"), vals.values())):
-                    raise TrainingDiverged(f"training diverged at iteration {done}: losses {vals}; last good "
-                                           f"checkpoint: {self.checkpointer.get_checkpoint_file() or 'none yet'}")
-                logger.info(f"iter {done}/{max_iter}  " + "  ".join(f"{k}: {v:.4f}" for k, v in vals.items())
-                            + f"  lr: {lr:.5g}  time: {dt:.3f}s")
-                if log:
-                    log.write(json.dumps({"iteration": done, **vals, "lr": lr, "time": dt}) + "\n")
-                    log.flush()
-                window, t0 = [], time.perf_counter()
-            if done % cfg.SOLVER.CHECKPOINT_PERIOD == 0 and done != max_iter:
-                self.checkpointer.save(f"model_{done - 1:07d}", iteration=it)
-            if cfg.TEST.EVAL_PERIOD > 0 and done % cfg.TEST.EVAL_PERIOD == 0 and done != max_iter:
-                self.evaluate(tag=f"iter{done}")
-            signum = stop.requested()
-            if signum:  # preemption: a checkpoint after this step, then stop (exit status 75)
-                name = f"model_{it:07d}"
-                self.checkpointer.save(name, iteration=it)
-                comm.synchronize()
-                if log:
-                    log.close()
-                stop.stop(signum, f"iteration {it}", os.path.join(cfg.OUTPUT_DIR, name + ".pth"))
+    def run_loop(self) -> None:
+        _, loader = self._loader(self.cfg.DATASETS.TRAIN, train=True, start_iter=self.iter)
+        self.ddp.train()
+        self.iterate(loader)
+
+    def run_step(self, batch, data_time: float) -> None:
+        t0 = time.perf_counter()
+        self.lr = lr_at(self.cfg, self.iter)
+        for g, factor in zip(self.optimizer.param_groups, self.lr_factors):
+            g["lr"] = self.lr * factor
+        images, targets = batch
+        images = [im.to(self.device, non_blocking=True).float() / 255.0 for im in images]
+        targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        losses = optimization_step(lambda b: self.ddp(*b), self.model, self.optimizer, self.scaler,
+                                   (images, targets), self.dtype, self.device, after_backward=self._after_backward)
+        self._window.append({"iter": self.iter, "values": {k: v.detach() for k, v in losses.items()},
+                             "time": time.perf_counter() - t0 + data_time, "data_time": data_time,
+                             "scalars": {"lr": self.lr}})
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -250,6 +278,7 @@ class TorchvisionDetectionTrainer:
 
         with torch.enable_grad():
             update_bn_stats(_Wrap().train(), iter(loader), self.cfg.TEST.PRECISE_BN.NUM_ITER)
+        model.train()
         logger.info(f"precise BN: statistics recomputed over {self.cfg.TEST.PRECISE_BN.NUM_ITER} batches")
 
     def _score(self, ds, preds, out_dir: str) -> Dict:
@@ -272,8 +301,9 @@ class TorchvisionDetectionTrainer:
 
     @torch.no_grad()
     def evaluate(self, tag: str = "eval") -> Dict:
+        """COCO / VOC metrics of DATASETS.TEST, on every process. ``results.json`` is
+        written by the final evaluation (``tag`` "final") and by --eval-only only."""
         cfg = self.cfg
-        self._precise_bn()
         model = self.model
         model.eval()
         all_results: Dict = {}
@@ -301,6 +331,6 @@ class TorchvisionDetectionTrainer:
         finally:
             model.train()
         flat = all_results[cfg.DATASETS.TEST[0]] if len(cfg.DATASETS.TEST) == 1 else all_results
-        if comm.is_main_process() and flat:
+        if comm.is_main_process() and flat and tag in ("final", "eval-only"):
             atomic_write(os.path.join(cfg.OUTPUT_DIR, "results.json"), lambda f: f.write(results_json(flat)), mode="w")
         return flat

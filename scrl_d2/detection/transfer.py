@@ -4,7 +4,7 @@ one table (markdown, CSV, JSON) with mean +- std per metric beside the published
 Layout under the suite's output directory::
 
     weights/<checkpoint>.pkl                      converted once (Detectron2 layout)
-    runs/<protocol>/<checkpoint>/trial<k>/        one tools/train_net.py run each
+    runs/<protocol>/<checkpoint>/trial<k>/        one ``python -m scrl_d2.cli.train_net`` run each
         results.json                              present = complete (skipped on rerun)
         transfer_run.json                         the command, for the record
         log.txt                                   its stdout and stderr
@@ -26,13 +26,14 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..checkpoint import atomic_write
+from ..utils.errors import InputFileNotFoundError, InputValueError
 from .protocols import Protocol, miniature_overrides
 
 __all__ = ["TransferRun", "TransferSuite", "mean_std", "RANDOM_INIT"]
 
 logger = logging.getLogger("scrl_d2.transfer")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
+TRAIN_NET = ["-m", "scrl_d2.cli.train_net"]  # the package's entry point, not a file of the checkout
 SUBMIT_SLURM = os.path.join(ROOT, "tools", "submit_slurm.py")
 RANDOM_INIT = "random"  # checkpoint path meaning "no pretraining"
 LAUNCHERS = ("local", "torchrun", "slurm", "print")
@@ -86,18 +87,18 @@ class TransferSuite:
                  miniature_root: str = "", opts: Sequence[str] = (), slurm_args: Sequence[str] = (),
                  python: str = sys.executable):
         if launcher not in LAUNCHERS:
-            raise ValueError(f"--launcher {launcher!r}: expected one of {list(LAUNCHERS)}")
+            raise InputValueError(f"--launcher {launcher!r}: expected one of {list(LAUNCHERS)}")
         if not checkpoints:
-            raise ValueError("no checkpoints: give --weights NAME=PATH (PATH 'random' for random initialisation)")
+            raise InputValueError("no checkpoints: give --weights NAME=PATH (PATH 'random' for random initialisation)")
         if not protocols:
-            raise ValueError("no protocols: give --protocols (see --list)")
+            raise InputValueError("no protocols: give --protocols (see --list)")
         for name, path in checkpoints.items():
             if not name or "/" in name or name.startswith("."):
-                raise ValueError(f"--weights {name}={path}: the NAME must be a plain word (it names folders)")
+                raise InputValueError(f"--weights {name}={path}: the NAME must be a plain word (it names folders)")
             if path != RANDOM_INIT and not os.path.isfile(path):
-                raise FileNotFoundError(f"--weights {name}={path}: file not found")
+                raise InputFileNotFoundError(f"--weights {name}={path}: file not found")
         if trials is not None and trials < 1:
-            raise ValueError(f"--trials {trials}: expected 1 or more")
+            raise InputValueError(f"--trials {trials}: expected 1 or more")
         self.output_dir = os.path.abspath(output_dir)
         self.checkpoints, self.protocols = dict(checkpoints), list(protocols)
         self.trials, self.max_trials, self.num_gpus, self.launcher = trials, max_trials, num_gpus, launcher
@@ -150,8 +151,8 @@ class TransferSuite:
         if self.launcher == "slurm":
             return [self.python, SUBMIT_SLURM] + self.slurm_args + args + opts
         if self.launcher == "torchrun":
-            return ["torchrun", f"--nproc-per-node={self.num_gpus}", TRAIN_NET] + args + opts
-        return [self.python, TRAIN_NET] + args + ["--num-gpus", str(self.num_gpus)] + opts
+            return ["torchrun", f"--nproc-per-node={self.num_gpus}", *TRAIN_NET] + args + opts
+        return [self.python, *TRAIN_NET] + args + ["--num-gpus", str(self.num_gpus)] + opts
 
     # ------------------------------------------------------------------ running
     def execute(self) -> Dict[str, List[TransferRun]]:

@@ -17,6 +17,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from ..utils.errors import InputFileNotFoundError, InputValueError
+
 __all__ = ["VOC_CLASSES", "read_voc_split", "voc_as_coco", "voc_detection_ap", "average_precision"]
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -41,7 +43,7 @@ def _parse(xml_path: str) -> Tuple[Tuple[int, int], Tuple[Tuple[str, Tuple[int, 
 def read_voc_split(dirname: str, split: str) -> List[str]:
     path = os.path.join(dirname, "ImageSets", "Main", split + ".txt")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Pascal VOC image set not found: {os.path.abspath(path)}")
+        raise InputFileNotFoundError(f"Pascal VOC image set not found: {os.path.abspath(path)}")
     with open(path) as f:
         return [line.strip() for line in f if line.strip()]
 
@@ -53,13 +55,13 @@ def voc_as_coco(dirname: str, split: str, class_names: Sequence[str]) -> Dict:
     for i, fid in enumerate(read_voc_split(dirname, split), start=1):
         xml = os.path.join(dirname, "Annotations", fid + ".xml")
         if not os.path.isfile(xml):
-            raise FileNotFoundError(f"Pascal VOC annotation not found: {os.path.abspath(xml)}")
+            raise InputFileNotFoundError(f"Pascal VOC annotation not found: {os.path.abspath(xml)}")
         (w, h), objs = _parse(xml)
         images.append({"id": i, "file_name": os.path.join("JPEGImages", fid + ".jpg"), "width": w, "height": h,
                        "voc_id": fid})
         for name, (x0, y0, x1, y1), difficult in objs:
             if name not in class_names:
-                raise ValueError(f"{xml}: class {name!r} is not one of the {len(class_names)} VOC classes")
+                raise InputValueError(f"{xml}: class {name!r} is not one of the {len(class_names)} VOC classes")
             x0, y0 = x0 - 1.0, y0 - 1.0
             anns.append({"id": len(anns) + 1, "image_id": i, "category_id": list(class_names).index(name) + 1,
                          "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,

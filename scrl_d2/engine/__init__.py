@@ -9,9 +9,11 @@ from .defaults import (
 )
 from .hooks import EpochCheckpointer, EventWriters, HookBase, IterationCheckpointer, ProbeEvaluator, StepMetrics
 from .launch import launch
-from .trainer import PretrainTrainer, amp_dtype
+from .step import amp_dtype, build_grad_scaler, optimization_step
+from .train_loop import TrainerBase
+from .trainer import PretrainTrainer
 
 __all__ = ["TrainingDiverged", "run_main", "create_ddp_model", "default_argument_parser", "default_setup",
            "resolve_device", "resolve_output_dir", "EpochCheckpointer", "EventWriters", "HookBase", "IterationCheckpointer",
            "ProbeEvaluator", "StepMetrics",
-           "launch", "PretrainTrainer", "amp_dtype"]
+           "launch", "PretrainTrainer", "TrainerBase", "amp_dtype", "build_grad_scaler", "optimization_step"]

@@ -5,17 +5,20 @@ import os
 import random
 import re
 import sys
+import traceback
 from typing import Optional
 
 import numpy as np
 import torch
 import yaml
 
-from ..checkpoint import atomic_write, list_epoch_checkpoints
+from ..checkpoint import UNSAFE_LOAD_ENV, atomic_write, has_run_checkpoint
 from ..utils import comm
+from ..utils.errors import InputValueError, bad_input_cause
 from ..utils.logger import setup_logger
 
-__all__ = ["default_argument_parser", "default_setup", "resolve_output_dir", "seed_all_rng", "resolve_device",
+__all__ = ["ArgumentParser", "default_argument_parser", "default_setup", "resolve_output_dir", "seed_all_rng",
+           "resolve_device",
            "run_main", "TrainingDiverged", "EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_FAILED", "EXIT_PEER_LOST",
            "EXIT_INTERRUPTED"]
 
@@ -37,13 +40,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-# what gloo / NCCL errors say (gloo's messages carry its source path, also for timeouts)
-_PEER_MARKERS = ("Connection reset by peer", "Connection closed by peer", "/gloo/", "NCCL")
+# what gloo's errors say (they carry its source path, also for timeouts); NCCL's come as
+# DistBackendError. A RuntimeError that merely mentions NCCL (a CUDA error, a bug) is not
+# a lost peer: it keeps its traceback.
+_PEER_MARKERS = ("Connection reset by peer", "Connection closed by peer", "/gloo/")
 
 
 def peer_lost(e: BaseException) -> bool:
     """Whether ``e`` is a collective that failed because another process of the run died
-    or stopped answering (gloo / NCCL errors and timeouts)."""
+    or stopped answering (torch's DistError, e.g. NCCL's; gloo's errors and timeouts)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and comm.get_world_size() > 1):
@@ -54,7 +59,7 @@ def peer_lost(e: BaseException) -> bool:
 
 
 def _dist_timeout_s() -> float:
-    return float(os.environ.get("SCRL_D2_DIST_TIMEOUT", 600))
+    return comm.dist_timeout_s()
 
 
 def _message(e: BaseException) -> str:
@@ -63,15 +68,15 @@ def _message(e: BaseException) -> str:
         return (f"lost contact with another process of this run: {first[:300]} -- it died or stopped answering "
                 f"(--dist-timeout {_dist_timeout_s():g}s bounds the wait). Files already written are intact; rerun "
                 "the command (or let torchrun / SLURM restart it) to resume from the newest checkpoint")
-    return e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
 
 
 def _exit_code(e: BaseException) -> Optional[int]:
-    """The status of a known failure: 2 bad input (config, paths, files, names), 3
-    divergence, 4 a lost peer process, 75 stopped on a signal with a checkpoint, 1 an
-    unwritable checkpoint; None for anything else."""
+    """The status of a known failure: 2 bad input (only what the project diagnosed as
+    such: ``scrl_d2.utils.errors.BadInput``, or an error raised from one), 3 divergence,
+    4 a lost peer process, 75 stopped on a signal with a checkpoint, 1 an unwritable
+    checkpoint; None for anything else (a bug: its traceback must be seen)."""
     from ..checkpoint import CheckpointWriteError
-    from ..config import ConfigError
     from .preemption import TrainingInterrupted
 
     if isinstance(e, TrainingInterrupted):
@@ -82,8 +87,7 @@ def _exit_code(e: BaseException) -> Optional[int]:
         return EXIT_DIVERGED
     if isinstance(e, CheckpointWriteError):
         return EXIT_FAILED
-    if isinstance(e, (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError,
-                      ImportError)):
+    if bad_input_cause(e) is not None:
         return EXIT_BAD_INPUT
     return None
 
@@ -100,8 +104,9 @@ def _log_to_files(msg: str, exc_info) -> None:
 def run_main(main_func, *args) -> None:
     """Run ``main_func(*args)`` in this process. A known failure ends the process with one
     line on stderr and its exit status: 2 bad input, 3 divergence, 1 an unwritable
-    checkpoint; the full traceback goes to log.txt (and to stderr with SCRL_D2_DEBUG=1).
-    Anything else is raised as usual (traceback, exit status 1), and logged to log.txt."""
+    checkpoint; the full traceback goes to log.txt (and to stderr too with
+    SCRL_D2_DEBUG=1, the status unchanged). Anything else is raised as usual (traceback,
+    exit status 1), and logged to log.txt."""
     try:
         main_func(*args)
     except (KeyboardInterrupt, SystemExit):
@@ -109,18 +114,52 @@ def run_main(main_func, *args) -> None:
     except Exception as e:
         _log_to_files(f"fatal error: {type(e).__name__}: {e}", sys.exc_info())
         code = _exit_code(e)
-        if code is None or os.environ.get("SCRL_D2_DEBUG"):
+        if code is None:
             raise
+        if os.environ.get("SCRL_D2_DEBUG"):
+            traceback.print_exc()
         rank = f"[rank {comm.get_rank()}] " if comm.get_world_size() > 1 else ""
         kind = "stopped" if code == EXIT_INTERRUPTED else "error"
-        print(f"{rank}{kind}: {_message(e)}", file=sys.stderr, flush=True)
+        # one write: the processes of a run share stderr, and print() writes the newline
+        # apart, so two processes' lines could run together
+        sys.stderr.write(f"{rank}{kind}: {_message(e)}\n")
+        sys.stderr.flush()
         if code in (EXIT_INTERRUPTED, EXIT_PEER_LOST):
             logging.getLogger("scrl_d2").info(f"{kind}: {_message(e)}")
         sys.exit(code)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's bad-input convention: a wrong argument is one line
+    (``error: argument --num-gpus: 0: expected 1 or more``) and exit status 2, without
+    the usage block (``--help`` shows it)."""
+
+    def error(self, message: str):
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+class _UnsafeLoad(argparse.Action):
+    """``--unsafe-load``: sets $SCRL_D2_UNSAFE_LOAD for this process and every process it
+    starts (spawned workers, submitted jobs), where files are loaded."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        os.environ[UNSAFE_LOAD_ENV] = "1"
+        setattr(namespace, self.dest, True)
+
+
+def add_unsafe_load_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--unsafe-load", action=_UnsafeLoad,
+                        help="also load checkpoints / weights whose unpickling calls functions (files that are not "
+                             "only tensors and plain values, e.g. written by older versions): this runs whatever code "
+                             f"they hold, so only for files you trust (same as {UNSAFE_LOAD_ENV}=1)")
+
+
 def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         epilog=epilog or f"""
 Examples:
 
@@ -138,8 +177,12 @@ Two machines:
     )
     parser.add_argument("--config-file", default="", metavar="FILE", help="path to config file")
     parser.add_argument("--resume", action="store_true",
-                        help="resume from the newest checkpoint (automatic when OUTPUT_DIR has one; with an "
-                             "empty OUTPUT_DIR, continue the newest numbered run of this config)")
+                        help="resume from the newest checkpoint (automatic when OUTPUT_DIR has one, for "
+                             "pretraining and fine-tuning alike: rerunning a command, or a requeue, resumes; with "
+                             "an empty OUTPUT_DIR, continue the newest numbered run of this config)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over although OUTPUT_DIR holds checkpoints: its run (checkpoints, metrics, "
+                             "results) is first moved to OUTPUT_DIR/previous_<n>/, never overwritten")
     parser.add_argument("--eval-only", action="store_true",
                         help="evaluate a checkpoint (LOAD_DIR, OUTPUT_DIR or MODEL.WEIGHTS) without training")
     parser.add_argument("--num-gpus", type=_positive_int, default=1,
@@ -152,9 +195,54 @@ Two machines:
     parser.add_argument("--dist-timeout", type=float, default=_dist_timeout_s(), metavar="SECONDS",
                         help="how long a process waits in a collective for a peer that died or hangs before it "
                              "stops with a message (default 600; $SCRL_D2_DIST_TIMEOUT)")
+    add_unsafe_load_argument(parser)
     parser.add_argument("opts", default=None, nargs=argparse.REMAINDER,
                         help="config overrides as KEY VALUE pairs, e.g. SOLVER.BASE_LR 0.2")
     return parser
+
+
+def has_checkpoint(directory: str) -> bool:
+    """Whether ``directory`` holds a run's checkpoint (any the project writes; see
+    :func:`scrl_d2.checkpoint.has_run_checkpoint`)."""
+    return has_run_checkpoint(directory)
+
+
+# what a run writes in OUTPUT_DIR besides log.txt and config.yaml (--fresh moves them aside)
+_RUN_FILES = re.compile(r"^(model_\d+\.pth|model_final\.pth|checkpoint_.*\.pth|last_checkpoint|metrics\.json|"
+                        r"results\.json|probe_eval\.json|events\.out\.tfevents\..*|inference|linear_eval|"
+                        r"config(_resume_\d+)?\.yaml)$")
+
+
+def archive_run(directory: str) -> Optional[str]:
+    """Move the run in ``directory`` (checkpoints, metrics, results, evaluations, its
+    config) to ``directory/previous_<n>/``; returns that folder, or None when there was
+    no run. Nothing is deleted."""
+    if not has_run_checkpoint(directory):
+        return None
+    n = 0
+    while os.path.exists(os.path.join(directory, f"previous_{n}")):
+        n += 1
+    target = os.path.join(directory, f"previous_{n}")
+    os.makedirs(target)
+    for name in sorted(os.listdir(directory)):
+        if _RUN_FILES.match(name):
+            os.replace(os.path.join(directory, name), os.path.join(target, name))
+    return target
+
+
+def resolve_resume(cfg, args) -> bool:
+    """Whether this run continues the one in OUTPUT_DIR: with ``--resume``, or whenever
+    OUTPUT_DIR holds a checkpoint (rerunning a command, or a requeue, resumes; ``--fresh``
+    moved any aside in :func:`default_setup`)."""
+    return bool(getattr(args, "resume", False)) or has_run_checkpoint(cfg.OUTPUT_DIR)
+
+
+def check_resume_arguments(args) -> None:
+    """--fresh contradicts --resume and --eval-only: one line, exit 2, before anything runs."""
+    if getattr(args, "fresh", False) and (args.resume or args.eval_only):
+        other = "--resume" if args.resume else "--eval-only"
+        raise InputValueError(f"--fresh and {other} exclude each other: --fresh starts a new run in OUTPUT_DIR "
+                              "(the old one is moved to OUTPUT_DIR/previous_<n>/)")
 
 
 def resolve_output_dir(cfg, config_file: str, resume: bool) -> str:
@@ -169,7 +257,7 @@ def resolve_output_dir(cfg, config_file: str, resume: bool) -> str:
     if resume:
         for n in reversed(runs):
             d = os.path.join("output", f"{stem}_{n}")
-            if list_epoch_checkpoints(d):
+            if has_checkpoint(d):
                 return d
     return os.path.join("output", f"{stem}_{(runs[-1] + 1) if runs else 0}")
 
@@ -179,7 +267,7 @@ def _save_config(cfg, logger: logging.Logger) -> None:
     from it is saved as ``config_resume_<n>.yaml``."""
     path = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
     text = cfg.dump()
-    if list_epoch_checkpoints(cfg.OUTPUT_DIR) and os.path.isfile(path):
+    if has_checkpoint(cfg.OUTPUT_DIR) and os.path.isfile(path):
         with open(path) as f:
             if f.read() == text:
                 return
@@ -207,7 +295,7 @@ def resolve_device(cfg) -> torch.device:
             return torch.device("cpu")
         return torch.device("cuda", comm.get_local_rank()) if comm.get_world_size() > 1 else torch.device(name)
     if name != "cpu":
-        raise ValueError(f"MODEL.DEVICE: unknown device {name!r}; use 'cuda' or 'cpu'")
+        raise InputValueError(f"MODEL.DEVICE: unknown device {name!r}; use 'cuda' or 'cpu'")
     return torch.device("cpu")
 
 
@@ -215,7 +303,7 @@ def _run_seed(directory: str) -> Optional[int]:
     """The SEED a run with checkpoints in ``directory`` resolved at its first start
     (from its ``config.yaml``), or None."""
     path = os.path.join(directory, "config.yaml")
-    if not directory or not list_epoch_checkpoints(directory) or not os.path.isfile(path):
+    if not has_checkpoint(directory) or not os.path.isfile(path):
         return None
     try:
         with open(path) as f:
@@ -235,6 +323,11 @@ def default_setup(cfg, args) -> None:
     cfg.defrost()
     out = resolve_output_dir(cfg, getattr(args, "config_file", ""), getattr(args, "resume", False))
     cfg.OUTPUT_DIR = comm.broadcast_object(out)
+    if getattr(args, "fresh", False) and comm.is_main_process():
+        moved = archive_run(cfg.OUTPUT_DIR)
+        if moved:
+            print(f"--fresh: the previous run of {cfg.OUTPUT_DIR} was moved to {moved}", file=sys.stderr)
+    comm.synchronize()
     resumed_seed = _run_seed(cfg.LOAD_DIR or cfg.OUTPUT_DIR)
     if cfg.SEED < 0:
         seed = resumed_seed if resumed_seed is not None else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
@@ -242,7 +335,11 @@ def default_setup(cfg, args) -> None:
     cfg.freeze()
     rank = comm.get_rank()
     if comm.is_main_process():
-        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        try:
+            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        except OSError as e:
+            raise InputValueError(f"OUTPUT_DIR {cfg.OUTPUT_DIR}: cannot create it ({e.strerror or e}); "
+                                  "choose a writable directory") from e
     comm.synchronize()
     logger = setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank)
     # fvcore's checkpoint-loading reports (missing / unexpected keys) into log.txt too, as

@@ -42,8 +42,9 @@ def default_writers(output_dir: str, max_iter: Optional[int] = None, tensorboard
 
 class StepMetrics(HookBase):
     """Puts every step's scalars into the trainer's ``EventStorage`` (Detectron2's names:
-    the losses, ``total_loss``, ``time``, ``data_time``, ``lr``; and ours: ``momentum``,
-    ``epoch``, ``img_per_s``, ``num_pairs``, ``probe_acc``, ``skipped_*``), each at its
+    the losses, ``total_loss``, ``time``, ``data_time``, ``lr``; and the trainer's own
+    ``scalars``, e.g. pretraining's ``momentum``, ``epoch``, ``skipped_*``; ``img_per_s``,
+    ``num_pairs``, ``probe_acc``), each at its
     own iteration, but only every ``LOG_PERIOD`` steps and at epoch ends: one device read
     (and one all-reduce: values are the mean over processes, as in Detectron2) per
     period instead of one per step. A non-finite loss stops the run there, on every
@@ -88,9 +89,7 @@ class StepMetrics(HookBase):
                 storage.put_scalar("total_loss", sum(losses.values()), cur_iter=it)
             storage.put_scalars(cur_iter=it, **values, time=w["time"], data_time=w["data_time"],
                                 img_per_s=t.global_batch / w["time"] if w["time"] > 0 else 0.0)
-            storage.put_scalars(cur_iter=it, smoothing_hint=False, lr=w["lr"], momentum=w["momentum"],
-                                epoch=(it + 1) / t.iters_per_epoch, skipped_steps=w["skipped_steps"],
-                                skipped_images=w["skipped_images"])
+            storage.put_scalars(cur_iter=it, smoothing_hint=False, **w["scalars"])
 
 
 class EventWriters(HookBase):

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
 from datetime import timedelta
 from typing import Callable, Optional, Tuple
 
@@ -22,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..utils import comm
+from ..utils.errors import InputValueError
 
 __all__ = ["launch", "find_free_port", "resolve_dist_url", "env_rendezvous", "DEFAULT_TIMEOUT"]
 
@@ -57,8 +59,8 @@ def resolve_dist_url(dist_url: Optional[str], num_machines: int, machine_rank: i
     if num_machines == 1:
         return f"tcp://127.0.0.1:{find_free_port()}"
     if machine_rank != 0:
-        raise ValueError("--dist-url auto only works on the main machine (--machine-rank 0); pass the "
-                         "tcp://HOST:PORT that machine printed")
+        raise InputValueError("--dist-url auto only works on the main machine (--machine-rank 0); pass the "
+                              "tcp://HOST:PORT that machine printed")
     url = f"tcp://{_main_machine_address()}:{find_free_port()}"
     print(f"[scrl_d2] main machine listening at --dist-url {url}\n"
           f"[scrl_d2] start the other machines with: --num-machines {num_machines} "
@@ -70,7 +72,12 @@ def launch(main_func: Callable, num_gpus_per_machine: int, num_machines: int = 1
            dist_url: Optional[str] = None, args: Tuple = (), timeout: timedelta = DEFAULT_TIMEOUT) -> None:
     """Run ``main_func(*args)`` in ``num_gpus_per_machine`` processes on this machine (or,
     under torchrun / submitit, in this process, one worker of their group)."""
-    os.environ["SCRL_D2_DIST_TIMEOUT"] = f"{timeout.total_seconds():g}"  # for the workers' messages
+    # every worker's groups (the gloo side group included) and messages use it
+    os.environ[comm.DIST_TIMEOUT_ENV] = f"{timeout.total_seconds():g}"
+    if threading.current_thread() is threading.main_thread():
+        from .preemption import start_resource_tracker
+
+        start_resource_tracker()  # before any process that would start it: it must outlive SIGUSR2
     if env_rendezvous():
         _env_worker(main_func, args, timeout, num_gpus_per_machine * num_machines)
         return
@@ -79,7 +86,8 @@ def launch(main_func: Callable, num_gpus_per_machine: int, num_machines: int = 1
         main_func(*args)
         return
     if torch.cuda.is_available() and num_gpus_per_machine > torch.cuda.device_count():
-        raise ValueError(f"--num-gpus {num_gpus_per_machine} but only {torch.cuda.device_count()} GPUs are visible")
+        raise InputValueError(f"--num-gpus {num_gpus_per_machine} but only {torch.cuda.device_count()} GPUs are "
+                              "visible")
     url = resolve_dist_url(dist_url, num_machines, machine_rank)
     from ..backend import use_detectron2
 

@@ -6,8 +6,17 @@ handler only records the signal; the trainer checks it after each step (every pr
 agrees through one small all-reduce, so all stop at the same step), writes a complete
 checkpoint and raises :class:`TrainingInterrupted` (exit status 75, "temporary failure:
 rerun"). Under submitit, its own handler then runs too, and requeues the job.
+
+Launchers signal more than the trainers: torchrun's agent sends SIGTERM to each worker's
+whole process group (when a peer died and it restarts the group, or when it is stopped
+itself), SLURM to every process of a task. DataLoader workers therefore run
+:func:`loader_worker_signals`: such a signal leaves them alone. A worker that died of it
+would make PyTorch's SIGCHLD handler raise "DataLoader worker ... is killed by signal"
+in the trainer wherever it is: inside a checkpoint being written (lost, and reported as
+an unwritable file), or in place of the trainer's own stop or "lost contact" message.
 """
 import logging
+import os
 import signal
 import threading
 from typing import Callable, Dict, Optional
@@ -17,11 +26,27 @@ import torch.distributed as dist
 
 from ..utils import comm
 
-__all__ = ["TrainingInterrupted", "StopSignals", "STOP_SIGNALS"]
+__all__ = ["TrainingInterrupted", "StopSignals", "STOP_SIGNALS", "loader_worker_signals", "start_resource_tracker"]
 
 logger = logging.getLogger("scrl_d2.engine")
 
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, n))
+
+
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (the helper process that frees the shared
+    memory of loader workers' batches) with SIGUSR1 / SIGUSR2 ignored. SLURM signals every
+    process of a job; the tracker ignores SIGINT and SIGTERM itself but died on SIGUSR2, and
+    its successor printed KeyError tracebacks for every segment it had not seen. An ignored
+    signal stays ignored across exec, so the tracker inherits it."""
+    from multiprocessing import resource_tracker
+
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS if s != signal.SIGTERM}
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -82,3 +107,35 @@ class StopSignals:
         logger.warning(msg)
         self.pass_on()
         raise TrainingInterrupted(msg, signum)
+
+
+def loader_worker_signals(worker_id: int = 0) -> None:
+    """For a DataLoader worker (its ``worker_init_fn`` calls it): the stop signals are the
+    trainer's. SIGUSR1/SIGUSR2 are ignored. SIGTERM still ends the worker when its parent
+    sends it (how the DataLoader and multiprocessing end workers, which PyTorch's own
+    handler also tells apart) or once the parent is gone; from anyone else (torchrun's
+    agent signalling the process group, SLURM signalling every process) it is ignored:
+    the trainer received it too and ends its workers after its checkpoint. Plain
+    ``SIG_IGN`` for SIGTERM would not do: a stuck worker could then never be terminated,
+    and multiprocessing waits for it at exit."""
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is None:
+        return  # not in a loader worker: a trainer's signals are StopSignals' to handle
+    for s in (getattr(signal, "SIGUSR1", None), getattr(signal, "SIGUSR2", None)):
+        if s is not None:
+            signal.signal(s, signal.SIG_IGN)
+    if not (hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask")):
+        return  # not POSIX with real-time signals (macOS, Windows): SIGTERM keeps its default
+    parent = os.getppid()
+    # Blocked in this thread and in every thread started after it (a forked worker has no
+    # other); the thread below takes it with its sender.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent or os.getppid() != parent:
+                os._exit(0)  # as PyTorch's worker handler does for its parent's SIGTERM
+
+    threading.Thread(target=wait, name="scrl_d2-sigterm", daemon=True).start()

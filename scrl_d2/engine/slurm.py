@@ -1,28 +1,33 @@
 """SLURM submission with submitit: one task per GPU, rendezvous from the SLURM
 environment, preemption and time limits answered with a checkpoint and a requeue.
 
-Each task runs ``tools/train_net.py`` with the submitted arguments in its own process;
+Each task runs ``python -m scrl_d2.cli.train_net`` with the submitted arguments in its own process;
 submitit's ``TorchDistributedEnvironment`` exports ``RANK`` / ``WORLD_SIZE`` /
 ``MASTER_ADDR`` ..., so ``launch`` initialises from ``env://`` as under torchrun. On the
 signal SLURM sends before a time limit or a preemption (submitit's ``USR2``), the
 trainer finishes its step and writes a checkpoint (:mod:`.preemption`); then submitit's
 handler calls :meth:`TrainJob.checkpoint` and requeues the job, which resumes from that
-checkpoint (OUTPUT_DIR is fixed at submission).
+checkpoint (OUTPUT_DIR is fixed at submission). ``--dry-run`` builds the same executor
+and prints the sbatch script submitit would pass to ``sbatch``.
 """
 import argparse
 import os
-import runpy
 import shlex
 import sys
 from typing import Dict, List
 
-__all__ = ["TrainJob", "submit_argument_parser", "executor_parameters", "submit"]
+from ..utils.errors import InputImportError
+
+__all__ = ["TrainJob", "submit_argument_parser", "executor_parameters", "slurm_parameters", "job_name",
+           "make_executor", "sbatch_script", "submit"]
 
 INSTALL_HINT = "tools/submit_slurm.py needs submitit: pip install submitit (or pip install -e '.[slurm]')"
 
 
 def submit_argument_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from .defaults import ArgumentParser
+
+    p = ArgumentParser(
         description="Submit pretraining, linear evaluation or detection fine-tuning to SLURM (submitit).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""Examples:
@@ -50,22 +55,17 @@ def submit_argument_parser() -> argparse.ArgumentParser:
                    help="passed to train_net.py: how long a process waits for a peer that stopped")
     p.add_argument("--cluster", default=None, choices=["slurm", "local", "debug"],
                    help="submitit's executor (default: SLURM where sbatch exists, else local)")
-    p.add_argument("--dry-run", action="store_true", help="print the sbatch parameters and the command; submit nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the sbatch script submitit would submit and the command; submit nothing")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs")
     return p
 
 
-def _train_net() -> str:
-    """tools/train_net.py of this checkout (the command every task runs)."""
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = os.path.join(here, "tools", "train_net.py")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: submit from a checkout of scrl_d2 (pip install -e .)")
-    return path
+TRAIN_NET = ("-m", "scrl_d2.cli.train_net")  # what every task runs: the package's entry point
 
 
 class TrainJob:
-    """What each SLURM task runs: ``train_net.py`` with ``argv``, distributed from the
+    """What each SLURM task runs: :mod:`scrl_d2.cli.train_net` with ``argv``, distributed from the
     environment submitit exports. Checkpointable: requeued as it was submitted."""
 
     def __init__(self, argv: List[str], dist_timeout: float = 600):
@@ -73,48 +73,86 @@ class TrainJob:
         self.dist_timeout = dist_timeout
 
     def __call__(self) -> None:
-        import submitit
+        import submitit  # noqa: F401  (only: is it installed?)
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         os.environ["SCRL_D2_DIST_TIMEOUT"] = str(self.dist_timeout)
-        sys.argv = [_train_net(), *self.argv]
-        runpy.run_path(sys.argv[0], run_name="__main__")
+        from ..cli.train_net import cli
+
+        sys.argv = [sys.executable, *TRAIN_NET, *self.argv]  # what log.txt's "command line" shows
+        cli(self.argv)
 
     def checkpoint(self):
         """Called by submitit on preemption / time limit, after the trainer wrote its
         checkpoint: the same job again, which resumes from OUTPUT_DIR."""
-        import submitit
+        import submitit  # noqa: F401  (only: is it installed?)
 
         return submitit.helpers.DelayedSubmission(TrainJob(self.argv, self.dist_timeout))
 
 
-def executor_parameters(args) -> Dict:
-    """submitit parameters: one task per GPU on each node, the preemption signal early."""
-    params = dict(nodes=args.nodes, tasks_per_node=args.gpus_per_node, gpus_per_node=args.gpus_per_node,
-                  cpus_per_task=args.cpus_per_task, timeout_min=args.time, name=args.job_name,
-                  slurm_signal_delay_s=args.signal_delay)
+def job_name(args) -> str:
+    """``--job-name``, else the config's name (its file name without the extension)."""
+    if args.job_name:
+        return args.job_name
+    return os.path.splitext(os.path.basename(args.config_file))[0] if args.config_file else "scrl_d2"
+
+
+def slurm_parameters(args) -> Dict:
+    """The job's sbatch parameters under SLURM's names (submitit's ``SlurmExecutor``): one
+    task per GPU on each node, the preemption signal ``--signal-delay`` seconds early."""
+    params = dict(job_name=job_name(args), time=args.time, nodes=args.nodes, ntasks_per_node=args.gpus_per_node,
+                  gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+                  signal_delay_s=args.signal_delay)
     if args.mem_gb:
-        params["mem_gb"] = args.mem_gb
+        params["mem"] = f"{args.mem_gb}GB"
     for key in ("partition", "account", "qos", "constraint", "comment"):
         if getattr(args, key):
-            params[f"slurm_{key}"] = getattr(args, key)
+            params[key] = getattr(args, key)
     return params
 
 
-def sbatch_preview(args, folder: str) -> str:
-    """The sbatch script submitit would submit, with SLURM's names for the parameters."""
-    from submitit.slurm import slurm
+def executor_parameters(args) -> Dict:
+    """The same job for submitit's other executors (``--cluster local`` / ``debug``)."""
+    return dict(nodes=args.nodes, tasks_per_node=args.gpus_per_node, gpus_per_node=args.gpus_per_node,
+                cpus_per_task=args.cpus_per_task, timeout_min=args.time, name=job_name(args))
 
-    p = dict(job_name=args.job_name or "scrl_d2", time=args.time, nodes=args.nodes,
-             ntasks_per_node=args.gpus_per_node, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
-             signal_delay_s=args.signal_delay)
-    if args.mem_gb:
-        p["mem"] = f"{args.mem_gb}GB"
-    for key in ("partition", "account", "qos", "constraint", "comment"):
-        if getattr(args, key):
-            p[key] = getattr(args, key)
-    submitted = f"{sys.executable} -u -m submitit.core._submit {folder}/%j"
-    return slurm._make_sbatch_string(command=submitted, folder=os.path.join(folder, "%j"), **p)
+
+def _slurm_executor_class(dry_run: bool):
+    """submitit's SlurmExecutor; for a dry run the same class without its check that
+    ``srun`` exists (it submits nothing), so that the script is built as submitting builds it."""
+    from submitit import SlurmExecutor
+
+    if not dry_run:
+        return SlurmExecutor
+
+    class DryRunSlurmExecutor(SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:
+            return 1
+
+    return DryRunSlurmExecutor
+
+
+def make_executor(args, folder: str, dry_run: bool = False):
+    """``(executor, cluster)`` the job goes to: on SLURM submitit's ``SlurmExecutor`` with
+    :func:`slurm_parameters` (a dry run builds the very same one), else submitit's local
+    or debug executor. Job folders are ``folder/<job id>``."""
+    import submitit
+
+    cluster = args.cluster or ("slurm" if dry_run else submitit.AutoExecutor.which())
+    if cluster == "slurm":
+        executor = _slurm_executor_class(dry_run)(folder=os.path.join(folder, "%j"))
+        executor.update_parameters(**slurm_parameters(args))
+        return executor, cluster
+    executor = submitit.AutoExecutor(folder=os.path.join(folder, "%j"), cluster=cluster)
+    executor.update_parameters(**executor_parameters(args))
+    return executor, cluster
+
+
+def sbatch_script(executor) -> str:
+    """The file a SLURM executor passes to ``sbatch``, made by the method its submission
+    calls, with the command it submits."""
+    return executor._make_submission_file_text(executor._submitit_command_str, "")
 
 
 def _job_argv(args, output_dir: str) -> List[str]:
@@ -133,27 +171,30 @@ def submit(args, output_dir: str) -> int:
     ``OUTPUT_DIR/slurm``. A job on submitit's local executor (``--cluster local``) runs on
     this machine: wait for it and return its exit status; else 0."""
     argv = _job_argv(args, output_dir)
-    command = " ".join(shlex.quote(a) for a in [sys.executable, _train_net(), *argv])
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *TRAIN_NET, *argv])
     folder = os.path.join(output_dir, "slurm")
     try:
-        import submitit
+        import submitit  # noqa: F401  (only: is it installed?)
     except ImportError:
-        raise ImportError(INSTALL_HINT) from None
-    params = executor_parameters(args)
+        raise InputImportError(INSTALL_HINT) from None
+    executor, cluster = make_executor(args, folder, dry_run=args.dry_run)
     if args.dry_run:
-        print(f"sbatch script (as submitit writes it):\n{sbatch_preview(args, folder)}")
+        if cluster == "slurm":
+            script = sbatch_script(executor)
+            print("sbatch script (what submitit passes to sbatch):")
+            print(script, end="" if script.endswith("\n") else "\n")
+        else:
+            print(f"{cluster} executor (no sbatch script): parameters {executor.parameters}")
         print(f"command (every task, distributed from the SLURM environment):\n{command}")
         return 0
     os.makedirs(folder, exist_ok=True)
-    executor = submitit.AutoExecutor(folder=os.path.join(folder, "%j"), cluster=args.cluster)
-    executor.update_parameters(**params)
     job = executor.submit(TrainJob(argv, args.dist_timeout))
     with open(os.path.join(folder, "submitted.txt"), "a") as f:
-        f.write(f"job {job.job_id} ({executor.cluster}): {args.nodes} node(s) x {args.gpus_per_node} task(s)\n"
-                f"parameters: {params}\ncommand: {command}\n")
-    print(f"submitted job {job.job_id} ({executor.cluster}); logs: {os.path.join(folder, str(job.job_id))}; "
+        f.write(f"job {job.job_id} ({cluster}): {args.nodes} node(s) x {args.gpus_per_node} task(s)\n"
+                f"parameters: {executor.parameters}\ncommand: {command}\n")
+    print(f"submitted job {job.job_id} ({cluster}); logs: {os.path.join(folder, str(job.job_id))}; "
           f"output: {output_dir}", flush=True)
-    if executor.cluster not in ("local", "debug"):
+    if cluster not in ("local", "debug"):
         return 0
     try:
         job.results()

@@ -1,19 +1,14 @@
 """The pretraining loop: one implementation for CPU and GPU, 1..N processes."""
-import contextlib
 import logging
 import os
-import random
 import time
-import weakref
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List
 
-import numpy as np
 import torch
 
 from ..backend import backend_name
 from ..checkpoint import (
     Checkpointer,
-    CheckpointWriteError,
     LayoutError,
     extract_encoder,
     infer_resnet,
@@ -25,10 +20,9 @@ from ..data.gpu_augment import BatchedAugmentation
 from ..modeling import build_model
 from ..solver import build_lr_scheduler, build_momentum_scheduler, build_optimizer, scaled_lr
 from ..utils import comm
+from ..utils.errors import InputFileNotFoundError, InputValueError
 from .ddp import create_ddp_model
 from .defaults import TrainingDiverged, resolve_device
-from ..utils.events import EventStorage
-from .preemption import StopSignals
 from .hooks import (
     EpochCheckpointer,
     EventWriters,
@@ -38,76 +32,13 @@ from .hooks import (
     ProbeEvaluator,
     StepMetrics,
     default_writers,
-    hook_states,
 )
+from .step import amp_dtype, build_forward, build_grad_scaler, optimization_step
+from .train_loop import TrainerBase
 
 __all__ = ["PretrainTrainer", "amp_dtype", "build_forward", "build_grad_scaler", "optimization_step"]
 
 logger = logging.getLogger("scrl_d2.engine")
-
-
-def amp_dtype(cfg, device: torch.device) -> Optional[torch.dtype]:
-    """None when mixed precision is off; bf16 where supported, else fp16 (GPU)."""
-    if not cfg.SOLVER.AMP.ENABLED:
-        return None
-    choice = cfg.SOLVER.AMP.DTYPE
-    if choice not in ("auto", "bfloat16", "float16"):
-        raise ValueError(f"SOLVER.AMP.DTYPE: {choice!r} is not 'auto', 'bfloat16' or 'float16'")
-    if choice == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16
-    return getattr(torch, choice)
-
-
-def build_grad_scaler(dtype: Optional[torch.dtype], device: torch.device) -> torch.amp.GradScaler:
-    """Loss scaling only where it is needed: fp16 on a GPU."""
-    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
-
-
-def build_forward(cfg, module: torch.nn.Module):
-    """``module``, or its ``torch.compile`` when MODEL.COMPILE.ENABLED."""
-    c = cfg.MODEL.COMPILE
-    if not c.ENABLED:
-        return module
-    logger.info(f"torch.compile: mode {c.MODE}, backend {c.BACKEND}")
-    return torch.compile(module, mode=c.MODE, backend=c.BACKEND)
-
-
-def optimization_step(forward, model, optimizer, scaler: torch.amp.GradScaler, batch: Dict[str, torch.Tensor],
-                      dtype: Optional[torch.dtype], device: torch.device, momentum: float,
-                      after_backward: Optional[Callable[[], None]] = None) -> Dict[str, torch.Tensor]:
-    """One step in the release's order: forward (autocast) -> backward -> optimizer step
-    -> EMA update of the target with this step's momentum. Returns the forward's outputs.
-    ``after_backward`` runs between backward and the optimizer step (Detectron2's hook
-    point)."""
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    with autocast:
-        out = forward(batch)
-    total = sum(v for k, v in out.items() if k.startswith("loss"))
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(total).backward()
-    if after_backward is not None:
-        after_backward()
-    scaler.step(optimizer)
-    scaler.update()
-    model.update_target(momentum)
-    return out
-
-
-def _rng_state() -> Dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def count_pairs(batch: Dict[str, torch.Tensor]) -> int:
@@ -122,7 +53,7 @@ def count_pairs(batch: Dict[str, torch.Tensor]) -> int:
     return n if n >= 2 else 0
 
 
-class PretrainTrainer:
+class PretrainTrainer(TrainerBase):
     """Builds data, model, optimizer and schedules from ``cfg`` and runs the epochs.
 
     Order of a step, as the release: set LR -> forward (autocast) -> backward ->
@@ -130,6 +61,7 @@ class PretrainTrainer:
     """
 
     def __init__(self, cfg):
+        super().__init__()
         self.cfg = cfg
         self.device = resolve_device(cfg)
         self.world_size = comm.get_world_size()
@@ -162,24 +94,15 @@ class PretrainTrainer:
         self.lr_schedule = build_lr_scheduler(cfg, scaled_lr(cfg, self.world_size), self.iters_per_epoch)
         self.momentum_schedule = build_momentum_scheduler(cfg, self.iters_per_epoch)
         self.global_batch = cfg.SOLVER.IMS_PER_GPU * self.world_size
-        # Detectron2's convention: during a step ``iter`` is its 0-based index (hooks'
-        # after_step see the step just run); between steps it counts the steps done.
-        self.iter = self.start_iter = 0
         self.epoch = 0
-        self.epoch_end = False  # whether the step just run was the last of an epoch
-        self._in_step = False
-        self._stop: Optional[StopSignals] = None
         self.lr = self.momentum = 0.0
         self.skipped_steps = 0
         self.skipped_images = 0
-        self.storage: Optional[EventStorage] = None
-        self._window: List[Dict] = []
         self.checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(),
                                          optimizer=self.optimizer, scaler=self.scaler)
         model.report_to_storage = False  # StepMetrics reads the metrics once per LOG_PERIOD
         self.best_probe, self.best_probe_epoch = -1.0, 0
         self.eval_history: List[Dict] = []  # every evaluation so far; part of the checkpoint
-        self._hooks: List[HookBase] = []
         self.register_hooks(self.build_hooks(num_classes))
 
     def build_hooks(self, num_classes: int = 0) -> List[HookBase]:
@@ -200,19 +123,6 @@ class PretrainTrainer:
         hooks.append(EventWriters(lambda: default_writers(cfg.OUTPUT_DIR, self.max_iter)))
         return hooks
 
-    def register_hooks(self, hooks: List[Optional[HookBase]]) -> None:
-        """Append hooks (Detectron2 ``HookBase`` subclasses work) in the order given. The
-        writers stay last, so that what a hook puts into the storage is written."""
-        hooks = [h for h in hooks if h is not None]
-        for h in hooks:
-            h.trainer = weakref.proxy(self)  # as Detectron2: no reference cycle
-        tail = [h for h in self._hooks if isinstance(h, EventWriters)]
-        self._hooks = [h for h in self._hooks if not isinstance(h, EventWriters)] + hooks + tail
-
-    @property
-    def hooks(self) -> List[HookBase]:
-        return self._hooks
-
     def _check_norm(self, model) -> None:
         """Say which batch-norm statistics this run uses (the release: global batch)."""
         n = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
@@ -228,32 +138,15 @@ class PretrainTrainer:
                            "MODEL.BYOL.HEAD_NORM 'BN'); the release synchronises them ('SyncBN')")
 
     # ---------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, name: str, essential: bool = True, **extra) -> None:
-        """Write ``name.pth`` (never with a non-finite tensor). A failed write of an
-        essential checkpoint stops the run; of another (``checkpoint_best``) it warns."""
-        self.check_finite(f"before writing {name}.pth")
-        try:
-            self.checkpointer.save(name, tag_last=essential, trainer=self.state_dict(), **extra)
-        except CheckpointWriteError as e:
-            if essential:
-                raise
-            logger.warning(f"{e}; training goes on")
-        comm.synchronize()
+    def checkpoint_extra(self) -> Dict:
+        return {}
 
-    def last_good_checkpoint(self) -> str:
-        path = self.checkpointer.get_checkpoint_file() if self.cfg.OUTPUT_DIR else ""
-        return path or "none yet"
+    def interrupt_checkpoint_name(self, done: int) -> str:
+        return f"checkpoint_{done // self.iters_per_epoch}_iter{done}"
 
-    @torch.no_grad()
-    def check_finite(self, when: str) -> None:
-        """Raise :class:`TrainingDiverged` if a weight or buffer (running statistics
-        included) is NaN or infinite."""
-        bad = [n for n, t in self.model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-        if bad:
-            raise TrainingDiverged(
-                f"training diverged by iteration {self.iter} (epoch {self.epoch_float():.2f}): non-finite values in "
-                f"{len(bad)} tensors, e.g. {bad[:3]}; stopped {when}. Last good checkpoint: "
-                f"{self.last_good_checkpoint()}. Lower SOLVER.BASE_LR or check the data, then resume from it.")
+    def where(self) -> str:
+        done = self.iter + 1 if self._in_step else self.iter
+        return f"iteration {self.iter} (epoch {done / self.iters_per_epoch:.2f})"
 
     def diverged_loss(self, key: str, value: float, iteration: int) -> None:
         raise TrainingDiverged(
@@ -263,34 +156,17 @@ class PretrainTrainer:
             "SOLVER.BASE_LR or check the data, then resume from it.")
 
     def state_dict(self) -> Dict:
-        """``iter``: steps done (the next step's index), from a hook's after_step too."""
-        return {"iter": self.iter + 1 if self._in_step else self.iter, "epoch": self.epoch, "seed": self.cfg.SEED,
-                "skipped_steps": self.skipped_steps, "best_probe": self.best_probe,
-                "best_probe_epoch": self.best_probe_epoch, "eval_history": self.eval_history,
-                "skipped_images": self.skipped_images, "world_size": self.world_size, "rng": _rng_state(),
-                "hooks": hook_states(self._hooks)}
+        return {**super().state_dict(), "epoch": self.epoch, "skipped_steps": self.skipped_steps,
+                "best_probe": self.best_probe, "best_probe_epoch": self.best_probe_epoch,
+                "eval_history": self.eval_history, "skipped_images": self.skipped_images}
 
     def load_state_dict(self, state: Dict) -> None:
-        self.iter = self.start_iter = int(state["iter"])
-        for name, value in state.get("hooks", {}).items():  # as Detectron2's TrainerBase
-            match = [h for h in self._hooks if type(h).__qualname__ == name]
-            if match:
-                match[0].load_state_dict(value)
-            else:
-                logger.warning(f"no hook {name} in this run: its saved state is ignored")
+        super().load_state_dict(state)
         self.epoch = self.iter // self.iters_per_epoch
         self.skipped_steps = state.get("skipped_steps", 0)
         self.skipped_images = state.get("skipped_images", 0)
         self.best_probe, self.best_probe_epoch = state.get("best_probe", -1.0), state.get("best_probe_epoch", 0)
         self.eval_history = list(state.get("eval_history", []))
-        if state.get("seed") != self.cfg.SEED:
-            logger.warning(f"resuming with SEED {self.cfg.SEED}, the checkpoint used {state.get('seed')}: "
-                           "the data order from here on differs from an uninterrupted run")
-        if state.get("world_size") != self.world_size:
-            logger.warning(f"resuming on {self.world_size} processes, the checkpoint was written by "
-                           f"{state.get('world_size')}: epoch lengths and LR scaling differ")
-        if "rng" in state:
-            _set_rng_state(state["rng"])
 
     def resume_or_load(self, resume: bool = True) -> bool:
         """Continue from the newest checkpoint of LOAD_DIR or OUTPUT_DIR when there is one
@@ -299,23 +175,13 @@ class PretrainTrainer:
         cfg = self.cfg
         directory = cfg.LOAD_DIR or cfg.OUTPUT_DIR
         if cfg.LOAD_DIR and not os.path.isdir(cfg.LOAD_DIR):
-            raise FileNotFoundError(f"LOAD_DIR does not exist: {cfg.LOAD_DIR}")
+            raise InputFileNotFoundError(f"LOAD_DIR does not exist: {cfg.LOAD_DIR}")
         probe = Checkpointer(self.model, directory, save_to_disk=False)
         path = probe.get_checkpoint_file() if (resume or cfg.LOAD_DIR) else ""
         if cfg.LOAD_DIR and not path:
-            raise FileNotFoundError(f"LOAD_DIR {cfg.LOAD_DIR} holds no checkpoint_*.pth")
+            raise InputFileNotFoundError(f"LOAD_DIR {cfg.LOAD_DIR} holds no checkpoint_*.pth")
         if path:
-            logger.info(f"resuming from {path}")
-            extra = self.checkpointer.load(path)
-            if "trainer" not in extra and "iteration" in extra:
-                # written by Detectron2's own PeriodicCheckpointer hook: weights, optimizer and
-                # iteration only (the data order follows from the iteration; RNG and
-                # evaluation history start afresh)
-                logger.warning(f"{path} has no trainer state (a Detectron2 PeriodicCheckpointer file): resuming "
-                               f"after its iteration {extra['iteration']} with fresh RNG and evaluation history")
-                extra["trainer"] = {"iter": int(extra["iteration"]) + 1, "seed": self.cfg.SEED,
-                                    "world_size": self.world_size}
-            self.load_state_dict(extra.get("trainer", {"iter": 0}))
+            self.resume(path)  # a Detectron2 PeriodicCheckpointer file too (the data order follows its iteration)
             logger.info(f"resumed at epoch {self.epoch}, iteration {self.iter}")
             return True
         if cfg.MODEL.WEIGHTS:
@@ -333,12 +199,12 @@ class PretrainTrainer:
                 except (LayoutError, ValueError, KeyError):
                     theirs = "another encoder"
                 k = wrong[0]
-                raise ValueError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} holds {theirs} ({k} {tuple(enc[k].shape)}) but the "
+                raise InputValueError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} holds {theirs} ({k} {tuple(enc[k].shape)}) but the "
                                  f"model is ResNet-{cfg.MODEL.RESNETS.DEPTH} ({tuple(own[k].shape)}); set "
                                  "MODEL.RESNETS.DEPTH (and RES2_OUT_CHANNELS) to match")
             result = self.model.backbone.load_state_dict(enc, strict=False)
             if result.missing_keys:
-                raise ValueError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} ({layout} layout): encoder keys missing, "
+                raise InputValueError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} ({layout} layout): encoder keys missing, "
                                  f"e.g. {result.missing_keys[:5]}")
             logger.info(f"initialised the online encoder from {cfg.MODEL.WEIGHTS}")
         return False
@@ -347,32 +213,12 @@ class PretrainTrainer:
     def epoch_float(self) -> float:
         return (self.iter + 1 if self._in_step else self.iter) / self.iters_per_epoch
 
-    def pop_window(self) -> List[Dict]:
-        window, self._window = self._window, []
-        return window
-
-    def is_log_step(self) -> bool:
-        """Whether the writers write after this step: every LOG_PERIOD steps (as
-        Detectron2's PeriodicWriter), at the last step and at each epoch end."""
-        period = max(1, self.cfg.LOG_PERIOD)
-        return (self.iter + 1) % period == 0 or self.iter == self.max_iter - 1 or self.epoch_end
-
     def train(self) -> None:
-        """Detectron2's ``TrainerBase.train`` with epochs: an ``EventStorage`` around the
-        run, hooks called at the same points; when it returns normally ``iter ==
+        """:meth:`TrainerBase.train` over epochs; when it returns normally ``iter ==
         max_iter``."""
         logger.info(f"training {self.max_iter} iterations ({self.iters_per_epoch}/epoch, {self.max_epoch} epochs) "
                     f"from iteration {self.iter}; global batch {self.global_batch}; output {self.cfg.OUTPUT_DIR}")
-        with EventStorage(self.start_iter) as self.storage, StopSignals() as self._stop:
-            try:
-                for h in self._hooks:
-                    h.before_train()
-                while self.iter < self.max_iter:
-                    self.run_epoch()
-            finally:
-                self.storage.iter = self.iter  # as Detectron2: == max_iter after a complete run
-                for h in self._hooks:
-                    h.after_train()
+        super().train()
         logger.info(f"training done at iteration {self.iter}")
         if self.world_size > 1:
             self.check_replicas_agree()
@@ -398,49 +244,23 @@ class PretrainTrainer:
         logger.info(f"batch-norm running statistics {stats} on the {self.world_size} processes")
         return same
 
-    def run_epoch(self) -> None:
+    def run_loop(self) -> None:
         """The steps of one epoch from ``self.iter`` on (mid-epoch after a resume): the
         sampler skips the batches already seen."""
         epoch = self.iter // self.iters_per_epoch
         skip = self.iter - epoch * self.iters_per_epoch
         self.sampler.set_epoch(epoch, start_batch=skip)
         self.ddp.train()
-        t_data = time.perf_counter()
-        for batch in self.loader:
-            data_time = time.perf_counter() - t_data
-            self.storage.iter = self.iter
-            self._in_step = True
-            for h in self._hooks:
-                h.before_step()
-            self.run_step(batch, data_time)
-            self.epoch_end = (self.iter + 1) % self.iters_per_epoch == 0
-            if self.epoch_end:
-                self.epoch = (self.iter + 1) // self.iters_per_epoch
-                self.check_finite(f"at the end of epoch {self.epoch}")
-            for h in self._hooks:
-                h.after_step()
-            signum = self._stop.requested()  # every process the same answer
-            if signum:
-                self._interrupt(signum)
-            self._in_step, self.epoch_end = False, False
-            self.iter += 1
-            t_data = time.perf_counter()
-            if self.iter >= self.max_iter or self.iter % self.iters_per_epoch == 0:
-                break
+        self.iterate(self.loader, stop_at=(epoch + 1) * self.iters_per_epoch)
         self.epoch = self.iter // self.iters_per_epoch
 
-    def _interrupt(self, signum: int) -> None:
-        """Preemption: a complete checkpoint of the state after this step, then stop
-        (submitit's handler, if any, requeues the job)."""
-        done = self.iter + 1
-        name = f"checkpoint_{done // self.iters_per_epoch}_iter{done}"
-        self.save_checkpoint(name)
-        self._stop.stop(signum, f"iteration {self.iter} (epoch {done / self.iters_per_epoch:.2f})",
-                        os.path.join(self.cfg.OUTPUT_DIR, f"{name}.pth"))
+    run_epoch = run_loop
 
-    def _after_backward(self) -> None:
-        for h in self._hooks:
-            h.after_backward()
+    def end_of_step(self) -> None:
+        self.epoch_end = (self.iter + 1) % self.iters_per_epoch == 0
+        if self.epoch_end:
+            self.epoch = (self.iter + 1) // self.iters_per_epoch
+            self.check_finite(f"at the end of epoch {self.epoch}")
 
     def run_step(self, batch: Dict[str, torch.Tensor], data_time: float) -> None:
         """Step ``self.iter``: LR, (device augmentation), forward, backward, optimizer,
@@ -472,8 +292,10 @@ class PretrainTrainer:
         if self.device.type == "cuda" and (self.iter + 1) % max(1, self.cfg.LOG_PERIOD) == 0:
             torch.cuda.synchronize()  # honest step times at the logging interval only
         self._window.append({"iter": self.iter, "values": values, "time": time.perf_counter() - t0 + data_time,
-                             "data_time": data_time, "lr": self.lr, "momentum": self.momentum,
-                             "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images})
+                             "data_time": data_time,
+                             "scalars": {"lr": self.lr, "momentum": self.momentum,
+                                         "epoch": (self.iter + 1) / self.iters_per_epoch,
+                                         "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images}})
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()

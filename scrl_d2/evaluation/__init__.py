@@ -11,6 +11,7 @@ from ..data import build_eval_loader, get_dataset_dicts
 from ..data.catalog import set_datasets_root
 from ..modeling import build_backbone
 from ..utils import comm
+from ..utils.errors import InputFileNotFoundError, InputValueError
 from .knn import extract_features, knn_classify, knn_top1
 from .linear_eval import Encoder, LinearEvaluator
 
@@ -24,15 +25,15 @@ def find_checkpoint(cfg) -> str:
     """MODEL.WEIGHTS, else the newest checkpoint of LOAD_DIR, else of OUTPUT_DIR."""
     if cfg.MODEL.WEIGHTS:
         if not os.path.exists(cfg.MODEL.WEIGHTS):
-            raise FileNotFoundError(f"MODEL.WEIGHTS: file not found: {cfg.MODEL.WEIGHTS}")
+            raise InputFileNotFoundError(f"MODEL.WEIGHTS: file not found: {cfg.MODEL.WEIGHTS}")
         return cfg.MODEL.WEIGHTS
     for d in (cfg.LOAD_DIR, cfg.OUTPUT_DIR):
         if d:
             path = Checkpointer(torch.nn.Module(), d, save_to_disk=False).get_checkpoint_file()
             if path:
                 return path
-    raise FileNotFoundError(f"no checkpoint to evaluate: set MODEL.WEIGHTS (a file) or LOAD_DIR (a run directory); "
-                            f"{cfg.LOAD_DIR or cfg.OUTPUT_DIR or '(no directory)'} holds none")
+    raise InputFileNotFoundError(f"no checkpoint to evaluate: set MODEL.WEIGHTS (a file) or LOAD_DIR (a run "
+                                 f"directory); {cfg.LOAD_DIR or cfg.OUTPUT_DIR or '(no directory)'} holds none")
 
 
 def encoder_from_checkpoint(cfg, path: str) -> Encoder:
@@ -40,11 +41,11 @@ def encoder_from_checkpoint(cfg, path: str) -> Encoder:
     try:
         layout, enc, _ = extract_encoder(load_checkpoint_file(path), cfg.LINEAR_EVAL.ENCODER)
     except (LayoutError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise InputValueError(f"{path}: {e}") from e
     arch = infer_resnet(enc)
     if arch["depth"] != cfg.MODEL.RESNETS.DEPTH:
-        raise ValueError(f"{path} holds a ResNet-{arch['depth']}, the config builds MODEL.RESNETS.DEPTH "
-                         f"{cfg.MODEL.RESNETS.DEPTH}; set it to {arch['depth']}")
+        raise InputValueError(f"{path} holds a ResNet-{arch['depth']}, the config builds MODEL.RESNETS.DEPTH "
+                              f"{cfg.MODEL.RESNETS.DEPTH}; set it to {arch['depth']}")
     backbone = build_backbone(cfg)
     backbone.load_state_dict(enc, strict=True)
     logger.info(f"evaluating the {cfg.LINEAR_EVAL.ENCODER} encoder of {path} ({layout} layout, "

@@ -26,6 +26,7 @@ from ..data.classification import LinearTrainDataset
 from ..data.datasets import SeededSampler
 from ..solver import LARS, warmup_cosine
 from ..utils import comm
+from ..utils.errors import InputValueError
 from .knn import extract_features
 
 __all__ = ["Encoder", "LinearEvaluator"]
@@ -56,14 +57,15 @@ class LinearEvaluator:
                  output_dir: Optional[str] = None):
         le = cfg.LINEAR_EVAL
         if not cfg.DATASETS.TEST:
-            raise ValueError("linear evaluation needs a labelled DATASETS.TEST (e.g. imagenet_val)")
+            raise InputValueError("linear evaluation needs a labelled DATASETS.TEST (e.g. imagenet_val)")
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.output_dir = output_dir or os.path.join(cfg.OUTPUT_DIR, "linear_eval")
         self.world = comm.get_world_size()
         set_datasets_root(cfg.DATASETS.ROOT)
         dicts, num_classes = get_dataset_dicts(cfg.DATASETS.TRAIN)
         if num_classes <= 0:
-            raise ValueError(f"linear evaluation needs labelled training data; {cfg.DATASETS.TRAIN} has no classes")
+            raise InputValueError(f"linear evaluation needs labelled training data; {cfg.DATASETS.TRAIN} has no "
+                                  "classes")
         self.num_classes = num_classes
         self.encoder = encoder.to(device)
         self.finetune = le.FINETUNE
@@ -87,7 +89,7 @@ class LinearEvaluator:
             self.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=le.MOMENTUM, weight_decay=le.WEIGHT_DECAY,
                                              nesterov=le.NESTEROV)
         else:
-            raise ValueError(f"LINEAR_EVAL.OPTIMIZER: {le.OPTIMIZER!r} is not 'LARS' or 'SGD'")
+            raise InputValueError(f"LINEAR_EVAL.OPTIMIZER: {le.OPTIMIZER!r} is not 'LARS' or 'SGD'")
         self.schedule = warmup_cosine(self.lr, le.WARMUP_EPOCHS, le.EPOCHS, self.iters_per_epoch, "LINEAR_EVAL")
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
         trained = nn.ModuleDict({"classifier": self.classifier, **({"encoder": self.encoder} if self.finetune else {})})

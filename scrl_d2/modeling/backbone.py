@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from fvcore.common.registry import Registry
 from torch import nn
 
+from ..utils.errors import InputKeyError, InputValueError
 from .layers import Conv2d, ShapeSpec, cpu_capable_sync_bn, get_norm
 
 __all__ = ["BACKBONE_REGISTRY", "build_backbone", "ResNet", "build_resnet_backbone"]
@@ -93,10 +94,10 @@ class ResNet(nn.Module):
                  stride_in_1x1: bool = False, res5_dilation: int = 1, freeze_at: int = 0):
         super().__init__()
         if depth not in _BLOCKS:
-            raise ValueError(f"MODEL.RESNETS.DEPTH: {depth} is not one of {sorted(_BLOCKS)}")
+            raise InputValueError(f"MODEL.RESNETS.DEPTH: {depth} is not one of {sorted(_BLOCKS)}")
         if depth in (18, 34) and res2_out_channels != 64:
-            raise ValueError(f"MODEL.RESNETS.RES2_OUT_CHANNELS must be 64 for depth {depth}, "
-                             f"got {res2_out_channels}")
+            raise InputValueError(f"MODEL.RESNETS.RES2_OUT_CHANNELS must be 64 for depth {depth}, "
+                                  f"got {res2_out_channels}")
         self.stem = BasicStem(3, stem_out_channels, norm)
         self._out_features = list(out_features)
         self._shapes = {"stem": ShapeSpec(stem_out_channels, 4)}
@@ -124,7 +125,7 @@ class ResNet(nn.Module):
             bottleneck *= 2
         unknown = set(self._out_features) - set(self._shapes)
         if unknown:
-            raise ValueError(f"MODEL.RESNETS.OUT_FEATURES: unknown {sorted(unknown)}; have {list(self._shapes)}")
+            raise InputValueError(f"MODEL.RESNETS.OUT_FEATURES: unknown {sorted(unknown)}; have {list(self._shapes)}")
         self.freeze(freeze_at)
 
     def freeze(self, freeze_at: int) -> None:
@@ -175,7 +176,7 @@ def build_backbone(cfg) -> nn.Module:
     try:
         fn = BACKBONE_REGISTRY.get(name)
     except KeyError as e:
-        raise KeyError(f"MODEL.BACKBONE.NAME: no backbone {name!r}; registered: "
-                       f"{sorted(k for k, _ in BACKBONE_REGISTRY)}") from e
+        raise InputKeyError(f"MODEL.BACKBONE.NAME: no backbone {name!r}; registered: "
+                            f"{sorted(k for k, _ in BACKBONE_REGISTRY)}") from e
     return fn(cfg)
 

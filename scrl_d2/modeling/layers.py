@@ -7,6 +7,8 @@ import torch.distributed as dist
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from ..utils.errors import InputValueError
+
 __all__ = ["get_norm", "get_norm1d", "flat_norm", "Conv2d", "ShapeSpec", "SyncBatchNorm", "cpu_capable_sync_bn"]
 
 ShapeSpec = namedtuple("ShapeSpec", ["channels", "stride"])
@@ -24,14 +26,14 @@ def get_norm(norm: str, channels: int) -> Optional[nn.Module]:
         return FrozenBatchNorm2d(channels)
     if norm == "GN":
         return nn.GroupNorm(32, channels)
-    raise ValueError(f"MODEL.RESNETS.NORM: unknown norm {norm!r}; use 'BN', 'SyncBN', 'FrozenBN', 'GN' or ''")
+    raise InputValueError(f"MODEL.RESNETS.NORM: unknown norm {norm!r}; use 'BN', 'SyncBN', 'FrozenBN', 'GN' or ''")
 
 
 def get_norm1d(norm: str, channels: int) -> nn.Module:
     """"BN" or "SyncBN" for the MLP heads (``[N, C]`` inputs), from the active backend:
     with Detectron2, its ``get_norm`` (so "SyncBN" means the same as in its models)."""
     if norm not in ("BN", "SyncBN"):
-        raise ValueError(f"MODEL.BYOL.HEAD_NORM: unknown norm {norm!r}; use 'BN' or 'SyncBN'")
+        raise InputValueError(f"MODEL.BYOL.HEAD_NORM: unknown norm {norm!r}; use 'BN' or 'SyncBN'")
     from ..backend import use_detectron2
 
     if use_detectron2():

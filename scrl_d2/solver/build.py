@@ -12,6 +12,7 @@ from fvcore.common.param_scheduler import (
 )
 from torch import nn
 
+from ..utils.errors import InputValueError
 from .lars import LARS
 
 __all__ = ["split_norm_and_bias", "build_optimizer", "scaled_lr", "build_lr_scheduler", "warmup_cosine",
@@ -63,7 +64,7 @@ def build_optimizer(cfg, model: nn.Module, world_size: int = 1) -> torch.optim.O
             g.pop("lars_exclude", None)
         return torch.optim.SGD(param_groups, lr=lr, momentum=s.MOMENTUM, weight_decay=s.WEIGHT_DECAY,
                                nesterov=s.NESTEROV)
-    raise ValueError(f"SOLVER.OPTIMIZER: unknown optimizer {s.OPTIMIZER!r}; use 'LARS' or 'SGD'")
+    raise InputValueError(f"SOLVER.OPTIMIZER: unknown optimizer {s.OPTIMIZER!r}; use 'LARS' or 'SGD'")
 
 
 class StepSchedule:
@@ -84,7 +85,7 @@ def warmup_cosine(base_lr: float, warmup_epochs: int, epochs: int, iters_per_epo
                   key: str = "SOLVER") -> StepSchedule:
     """Linear warm-up from 0 over ``warmup_epochs``, then cosine to 0 at the end."""
     if not 0 <= warmup_epochs < epochs:
-        raise ValueError(f"{key}.WARMUP_EPOCHS ({warmup_epochs}) must be in [0, {key}.EPOCHS={epochs})")
+        raise InputValueError(f"{key}.WARMUP_EPOCHS ({warmup_epochs}) must be in [0, {key}.EPOCHS={epochs})")
     warm = warmup_epochs / epochs
     cosine = CosineParamScheduler(base_lr, 0.0)
     if warm == 0:

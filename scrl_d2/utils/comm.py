@@ -1,11 +1,25 @@
 """Process-group helpers (the subset of Detectron2's ``utils.comm`` the loop needs)."""
 import functools
+import os
+from datetime import timedelta
 from typing import Any, List
 
 import torch
 import torch.distributed as dist
 
 _LOCAL_PROCESS_GROUP = None
+DIST_TIMEOUT_ENV = "SCRL_D2_DIST_TIMEOUT"  # set by ``launch`` from --dist-timeout, for every worker
+
+
+def dist_timeout_s() -> float:
+    """The run's ``--dist-timeout`` in seconds (600 when no launcher set it)."""
+    return float(os.environ.get(DIST_TIMEOUT_ENV, 600))
+
+
+def dist_timeout() -> timedelta:
+    """What every process group of the run is created with: a collective whose peer died
+    or hangs fails after this long, not after torch's default of 30 minutes."""
+    return timedelta(seconds=dist_timeout_s())
 
 
 def is_dist() -> bool:
@@ -43,7 +57,7 @@ def create_local_process_group(num_workers_per_machine: int) -> None:
     num_machines = world // num_workers_per_machine
     for m in range(num_machines):
         ranks = list(range(m * num_workers_per_machine, (m + 1) * num_workers_per_machine))
-        pg = dist.new_group(ranks)
+        pg = dist.new_group(ranks, timeout=dist_timeout())
         if rank in ranks:
             _LOCAL_PROCESS_GROUP = pg
 
@@ -58,9 +72,10 @@ def synchronize() -> None:
 
 @functools.lru_cache()
 def _cpu_group():
-    """A gloo group for small CPU-side exchanges that must not sync the GPU."""
+    """A gloo group for small CPU-side exchanges that must not sync the GPU, with the
+    run's ``--dist-timeout`` (a lost peer must stop these waits as it stops NCCL's)."""
     if dist.get_backend() == "nccl":
-        return dist.new_group(backend="gloo")
+        return dist.new_group(backend="gloo", timeout=dist_timeout())
     return dist.group.WORLD
 
 
@@ -102,6 +117,11 @@ def _use_detectron2_comm() -> None:
     for name in ("get_world_size", "get_rank", "get_local_rank", "get_local_size", "is_main_process",
                  "synchronize", "all_gather", "create_local_process_group"):
         g[name] = getattr(d2, name)
+    # Detectron2's all_gather / gather (ours above, its evaluators') exchange over its own
+    # gloo side group, made without a timeout (torch's 30 minutes): make it ours, which is
+    # the same group (gloo beside NCCL, else WORLD) created with the run's --dist-timeout.
+    if hasattr(d2, "_get_global_gloo_group"):
+        d2._get_global_gloo_group = _cpu_group
 
 
 _use_detectron2_comm()

@@ -302,3 +302,31 @@ if detectron2_available():  # Detectron2's own: its hooks and models find our st
         get_event_storage,
         has_event_storage,
     )
+
+
+def history_state(storage, kept: int = 20) -> Dict:
+    """The last ``kept`` values of each scalar in ``storage`` (ours or Detectron2's
+    EventStorage), as tensors: the writers smooth over the last 20 values (median), so a
+    resumed run that restores them writes the same ``metrics.json`` lines as an
+    uninterrupted run."""
+    import torch
+
+    hints = storage.smoothing_hints()
+    out = {}
+    for name, buf in storage.histories().items():
+        values = buf.values()[-kept:]
+        out[name] = {"values": torch.tensor([float(v) for v, _ in values], dtype=torch.float64),
+                     "iterations": torch.tensor([int(i) for _, i in values], dtype=torch.int64),
+                     "smoothing_hint": bool(hints.get(name, True))}
+    return out
+
+
+def restore_history(storage, state: Dict) -> None:
+    """Put :func:`history_state`'s values back, without writing them again (``put_scalar``
+    would make the writers emit old iterations)."""
+    for name, h in state.items():
+        buf = HistoryBuffer()
+        for v, i in zip(h["values"].tolist(), h["iterations"].tolist()):
+            buf.update(v, i)
+        storage._history[name] = buf
+        storage._smoothing_hints[name] = h["smoothing_hint"]

@@ -1,6 +1,8 @@
 from fvcore.common.registry import Registry
 from torch import nn
 
+from ...utils.errors import InputKeyError
+
 __all__ = ["META_ARCH_REGISTRY", "build_model"]
 
 META_ARCH_REGISTRY = Registry("META_ARCH")
@@ -15,6 +17,6 @@ def build_model(cfg, num_classes: int = 0) -> nn.Module:
     try:
         cls = META_ARCH_REGISTRY.get(name)
     except KeyError as e:
-        raise KeyError(f"MODEL.META_ARCHITECTURE: no meta-architecture {name!r}; registered: "
-                       f"{sorted(k for k, _ in META_ARCH_REGISTRY)}") from e
+        raise InputKeyError(f"MODEL.META_ARCHITECTURE: no meta-architecture {name!r}; registered: "
+                            f"{sorted(k for k, _ in META_ARCH_REGISTRY)}") from e
     return cls(cfg, num_classes=num_classes)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import configurable
+from ...utils.errors import InputValueError
 from ..backbone import build_backbone
 from ..heads import MLPHead
 from .build import META_ARCH_REGISTRY
@@ -66,7 +67,7 @@ class BYOL(nn.Module):
             self.target_backbone.load_state_dict(self.backbone.state_dict())
             self.target_projector.load_state_dict(self.projector.state_dict())
         elif target_init != "random":
-            raise ValueError(f"MODEL.BYOL.TARGET_INIT: {target_init!r} is not 'random' or 'online'")
+            raise InputValueError(f"MODEL.BYOL.TARGET_INIT: {target_init!r} is not 'random' or 'online'")
         for p in self.target_parameters():
             p.requires_grad_(False)
 

@@ -1,0 +1,164 @@
+"""Transfer suite: fine-tune and evaluate pretrained backbones on downstream protocols and
+tabulate the results (mean ± std over trials) beside the published numbers.
+
+    python tools/transfer.py --list
+    python tools/transfer.py --output-dir output/transfer --num-gpus 8 \
+        --weights scrl200=output/scrl_200ep/checkpoint_last.pth --weights byol200=byol_200ep.pth \
+        --weights random=random --protocols coco_faster_rcnn_R50_FPN_1x,voc0712_faster_rcnn_R50_FPN
+    python tools/transfer.py ... --launcher print          # only the commands
+    python tools/transfer.py ... --launcher slurm --slurm-args "--nodes 1 --partition learnlab"
+    python tools/transfer.py --output-dir output/transfer --table-only ...   # tabulate what is done
+    python tools/transfer.py --preset demo                  # CPU, generated data, minutes
+
+Checkpoints: ours, the official release's, torchvision's (converted once to Detectron2's
+.pkl under OUTPUT/weights/), or a Detectron2 .pkl (used as is); ``random`` = no pretraining.
+A rerun skips complete runs and resumes the others. Extra KEY VALUE pairs after ``--``
+override every run's config. Exit status: 0 all complete, 1 some run failed, 2 bad input.
+"""
+import argparse
+import logging
+import os
+import shlex
+import subprocess
+import sys
+
+from scrl_d2.detection.protocols import GROUPS, PROTOCOLS, get_protocol, miniature_formats
+from scrl_d2.detection.transfer import RANDOM_INIT, ROOT, TRAIN_NET, TransferSuite
+from scrl_d2.engine.defaults import EXIT_BAD_INPUT, EXIT_FAILED
+from scrl_d2.utils.errors import InputValueError, is_bad_input
+
+# --preset demo: random init vs BYOL and SCRL pretrained on the built-in demo images,
+# through these protocols at miniature scale on generated data (CPU, a few minutes);
+# the protocol's trial count, at most DEMO_TRIALS.
+DEMO_PROTOCOLS = ("coco_faster_rcnn_R50_FPN_1x", "voc0712_faster_rcnn_R50_FPN")
+DEMO_TRIALS = 2
+DEMO_OPTS = ["SOLVER.MAX_ITER", "20", "SOLVER.STEPS", "(16,)", "SOLVER.CHECKPOINT_PERIOD", "20", "SOLVER.IMS_PER_BATCH", "2",
+             "MODEL.DEVICE", "cpu"]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", default="", help="suite folder (default output/transfer, demo: output/transfer_demo)")
+    p.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
+                   help="a pretrained checkpoint (repeat); PATH 'random' = random initialisation")
+    p.add_argument("--protocols", default="", help="comma-separated protocol names, or a group: "
+                   + ", ".join(GROUPS))
+    p.add_argument("--trials", type=int, default=None, help="trials per (checkpoint, protocol); default: the "
+                   "protocol's (VOC and COCO subsets 5, else 1)")
+    p.add_argument("--num-gpus", type=int, default=1, help="GPUs per run")
+    p.add_argument("--launcher", default="local", choices=["local", "torchrun", "slurm", "print"])
+    p.add_argument("--slurm-args", default="", help="arguments for tools/submit_slurm.py, e.g. '--nodes 1 "
+                   "--gpus-per-node 8 --partition P'")
+    p.add_argument("--miniature", default="", metavar="ROOT", help="run on generated miniature datasets under "
+                   "ROOT (ResNet-18, small images, few iterations): a check of the pipeline, not a result")
+    p.add_argument("--table-only", action="store_true", help="write the table of what is complete; run nothing")
+    p.add_argument("--preset", choices=["demo"], help="demo: random vs BYOL vs SCRL demo checkpoints on CPU")
+    p.add_argument("--list", action="store_true", help="list the protocols and exit")
+    p.add_argument("opts", nargs="*", help="KEY VALUE config overrides for every run (after --)")
+    return p
+
+
+def list_protocols() -> None:
+    for group, title in GROUPS.items():
+        print(f"{title}:")
+        for p in PROTOCOLS.values():
+            if p.group == group:
+                backends = "" if len(p.backends) == 2 else f"  [{'/'.join(p.backends)} only]"
+                print(f"  {p.name:45s} {p.title}; configs/{p.config}; {p.trials} trial(s); "
+                      f"~{p.gpu_hours():.1f} h on 8 V100s{backends}")
+
+
+def select_protocols(spec: str):
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    out = []
+    for n in names:
+        out += [p for p in PROTOCOLS.values() if p.group == n] if n in GROUPS else [get_protocol(n)]
+    return out
+
+
+def parse_weights(items):
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise InputValueError(f"--weights {item!r}: expected NAME=PATH (PATH 'random' for random initialisation)")
+        name, path = item.split("=", 1)
+        if name in out:
+            raise InputValueError(f"--weights: the name {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+def pretrain_demo(out: str) -> dict:
+    """BYOL and SCRL on the built-in demo images (24 iterations each, resumable)."""
+    ckpts = {"random": RANDOM_INIT}
+    for arch in ("byol", "scrl"):
+        d = os.path.join(out, "pretrain", arch)
+        last = os.path.join(d, "checkpoint_last.pth")
+        if not os.path.exists(last):
+            cmd = [sys.executable, *TRAIN_NET, "--config-file", os.path.join(ROOT, "configs", "demo",
+                                                                             f"{arch}_demo.yaml"),
+                   "OUTPUT_DIR", d, "SOLVER.MAX_ITER", "24", "MODEL.PROBE.ENABLED", "False",
+                   "LINEAR_EVAL.ENABLED", "False", "KNN.PERIOD", "0", "TEST.EVAL_PERIOD", "0"]
+            print(f"pretraining {arch.upper()} on the demo images: {shlex.join(cmd)}", flush=True)
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, "log.txt"), "a") as log:
+                if subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT) != 0:
+                    raise RuntimeError(f"demo pretraining failed; see {os.path.join(d, 'log.txt')}")
+        ckpts[f"{arch}_demo"] = os.path.realpath(last)
+    return ckpts
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.list:
+        list_protocols()
+        return
+    try:
+        if args.preset == "demo":
+            from scrl_d2.detection.miniature import make_miniature
+
+            out = os.path.abspath(args.output_dir or os.path.join("output", "transfer_demo"))
+            protocols = select_protocols(args.protocols) if args.protocols else [get_protocol(n) for n in
+                                                                                 DEMO_PROTOCOLS]
+            formats = sorted({f for p in protocols for f in miniature_formats(p)})
+            mini = make_miniature(args.miniature or os.path.join(out, "datasets"), formats)
+            weights = parse_weights(args.weights) if args.weights else pretrain_demo(out)
+            suite = TransferSuite(out, weights, protocols, trials=args.trials, max_trials=DEMO_TRIALS,
+                                  launcher=args.launcher, miniature_root=mini, opts=DEMO_OPTS + args.opts)
+        else:
+            protocols = select_protocols(args.protocols)
+            mini = ""
+            if args.miniature:
+                from scrl_d2.detection.miniature import make_miniature
+
+                formats = sorted({f for p in protocols for f in miniature_formats(p)})
+                mini = make_miniature(os.path.abspath(args.miniature), formats)
+            suite = TransferSuite(args.output_dir or os.path.join("output", "transfer"), parse_weights(args.weights),
+                                  protocols, trials=args.trials, num_gpus=args.num_gpus, launcher=args.launcher,
+                                  miniature_root=mini, opts=args.opts, slurm_args=shlex.split(args.slurm_args))
+    except Exception as e:
+        if not is_bad_input(e):  # only what the project diagnosed; anything else keeps its traceback
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    failed = []
+    if not args.table_only:
+        state = suite.execute()
+        failed = state["failed"]
+        if args.launcher == "print":
+            return
+    md = suite.write_table()
+    print("\n" + md)
+    print(f"written to {os.path.join(suite.output_dir, 'table.md')} (and .csv, .json)")
+    if args.miniature or args.preset:
+        print("miniature runs (ResNet-18, small images, a few iterations on generated data): these numbers check "
+              "the pipeline end to end; they are not results")
+    if failed:
+        print(f"{len(failed)} run(s) failed: " + ", ".join(f"{r.protocol.name}/{r.checkpoint}/trial{r.trial}"
+                                                          for r in failed), file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    main()
