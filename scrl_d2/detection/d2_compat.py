@@ -68,7 +68,20 @@ class _ForkserverPools:
         ctx = multiprocessing.get_context("forkserver")
         # imported once by the server (if it is not running yet), not by every worker
         ctx.set_forkserver_preload(["scrl_d2.detection.d2_compat", "detectron2.data.datasets.cityscapes"])
-        return ctx.Pool(processes, initializer=alias_cityscapesscripts)
+        return ctx.Pool(processes, initializer=_pool_worker)
+
+
+def _pool_worker() -> None:
+    """A Cityscapes pool worker: the alias, and the stop signals left to the trainer (SLURM
+    signals every process of a job; a worker that died of it would leave ``Pool.map``
+    waiting forever). Detectron2 closes the pool after its map, so the workers end."""
+    import signal
+
+    from ..engine.preemption import STOP_SIGNALS
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    alias_cityscapesscripts()
 
 
 def _cityscapes_pool_without_fork() -> None:

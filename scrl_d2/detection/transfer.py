@@ -34,7 +34,7 @@ __all__ = ["TransferRun", "TransferSuite", "mean_std", "RANDOM_INIT"]
 logger = logging.getLogger("scrl_d2.transfer")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_NET = ["-m", "scrl_d2.cli.train_net"]  # the package's entry point, not a file of the checkout
-SUBMIT_SLURM = os.path.join(ROOT, "tools", "submit_slurm.py")
+SUBMIT_SLURM = ["-m", "scrl_d2.cli.submit_slurm"]
 RANDOM_INIT = "random"  # checkpoint path meaning "no pretraining"
 LAUNCHERS = ("local", "torchrun", "slurm", "print")
 
@@ -149,7 +149,7 @@ class TransferSuite:
         opts += self.opts
         args = ["--config-file", p.config_path, "--resume"]
         if self.launcher == "slurm":
-            return [self.python, SUBMIT_SLURM] + self.slurm_args + args + opts
+            return [self.python, *SUBMIT_SLURM] + self.slurm_args + args + opts
         if self.launcher == "torchrun":
             return ["torchrun", f"--nproc-per-node={self.num_gpus}", *TRAIN_NET] + args + opts
         return [self.python, *TRAIN_NET] + args + ["--num-gpus", str(self.num_gpus)] + opts

@@ -230,11 +230,51 @@ def archive_run(directory: str) -> Optional[str]:
     return target
 
 
+# keys a rerun may change and still continue the same run (how it runs, not what it trains)
+RESUME_MAY_CHANGE = ("DATALOADER.NUM_WORKERS", "LOG_PERIOD", "TEST.EVAL_PERIOD", "MODEL.DEVICE", "OUTPUT_DIR",
+                     "SOLVER.CHECKPOINT_PERIOD", "SOLVER.CHECKPOINT_MAX_TO_KEEP", "DATASETS.ROOT")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def resolve_resume(cfg, args) -> bool:
     """Whether this run continues the one in OUTPUT_DIR: with ``--resume``, or whenever
-    OUTPUT_DIR holds a checkpoint (rerunning a command, or a requeue, resumes; ``--fresh``
-    moved any aside in :func:`default_setup`)."""
-    return bool(getattr(args, "resume", False)) or has_run_checkpoint(cfg.OUTPUT_DIR)
+    OUTPUT_DIR holds a checkpoint of a run with this config (rerunning a command, or a
+    requeue, resumes; ``--fresh`` moved any aside in :func:`default_setup`). A checkpoint of
+    a run whose ``config.yaml`` differs in what it trains (another MODEL.WEIGHTS, dataset,
+    schedule...) is not resumed silently: one line, exit 2."""
+    if getattr(args, "resume", False) or not has_run_checkpoint(cfg.OUTPUT_DIR):
+        return bool(getattr(args, "resume", False))
+    path = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
+    try:
+        with open(path) as f:
+            saved = _flat(yaml.safe_load(f) or {})
+    except (OSError, yaml.YAMLError):
+        return True  # no readable record of the run: as Detectron2, the newest checkpoint
+    now = _flat(yaml.safe_load(cfg.dump()) or {})
+    differ = sorted(k for k in set(saved) | set(now)
+                    if saved.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE)
+    if differ:
+        k = differ[0]
+        raise InputValueError(
+            f"OUTPUT_DIR {cfg.OUTPUT_DIR} holds a run with another config ({k}: {saved.get(k)!r} there, "
+            f"{now.get(k)!r} now{f', and {len(differ) - 1} more' if len(differ) > 1 else ''}): choose another "
+            "OUTPUT_DIR, pass --resume to continue that run anyway, or --fresh to start over (the old run is "
+            "moved to OUTPUT_DIR/previous_<n>/)")
+    return True
+
+
+def _restarted() -> bool:
+    """Whether this process is a restart of the same job (torchrun, SLURM requeue)."""
+    return any(int(os.environ.get(k, "0") or 0) > 0 for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
 
 
 def check_resume_arguments(args) -> None:
@@ -280,6 +320,15 @@ def _save_config(cfg, logger: logging.Logger) -> None:
     logger.info(f"config saved to {path}")
 
 
+def _known_stops(record: logging.LogRecord) -> bool:
+    """Drops Detectron2's "Exception during training:" traceback for a stop on a signal or a
+    divergence: :func:`run_main` reports those in one line (the traceback is in log.txt)."""
+    from .preemption import TrainingInterrupted
+
+    e = record.exc_info[1] if record.exc_info else None
+    return not isinstance(e, (TrainingInterrupted, TrainingDiverged))
+
+
 def seed_all_rng(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -323,7 +372,8 @@ def default_setup(cfg, args) -> None:
     cfg.defrost()
     out = resolve_output_dir(cfg, getattr(args, "config_file", ""), getattr(args, "resume", False))
     cfg.OUTPUT_DIR = comm.broadcast_object(out)
-    if getattr(args, "fresh", False) and comm.is_main_process():
+    # --fresh once per job: a torchrun restart or a SLURM requeue reruns the same argv and resumes
+    if getattr(args, "fresh", False) and comm.is_main_process() and not _restarted():
         moved = archive_run(cfg.OUTPUT_DIR)
         if moved:
             print(f"--fresh: the previous run of {cfg.OUTPUT_DIR} was moved to {moved}", file=sys.stderr)
@@ -350,7 +400,9 @@ def default_setup(cfg, args) -> None:
     # Detectron2's components (its event writers whenever it is installed, its modules
     # with that backend) log to its logger: the same console and log.txt.
     if detectron2_available():
-        setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="detectron2")
+        d2_logger = setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="detectron2")
+        for h in d2_logger.handlers:
+            h.addFilter(_known_stops)
     logger.info(f"rank {rank} of {comm.get_world_size()}; torch {torch.__version__}; "
                 f"CUDA {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
     logger.info(f"command line: {' '.join(sys.argv)}")

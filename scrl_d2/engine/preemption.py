@@ -16,6 +16,7 @@ in the trainer wherever it is: inside a checkpoint being written (lost, and repo
 an unwritable file), or in place of the trainer's own stop or "lost contact" message.
 """
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -65,12 +66,18 @@ class StopSignals:
         self.signals = signals
         self.signum: Optional[int] = None
         self._previous: Dict[int, Callable] = {}
+        self._said = False
 
     def _handle(self, signum, frame) -> None:
+        # only recorded here: logging from a handler can re-enter a stream being written
         if self.signum is None:
-            logger.warning(f"received {signal.Signals(signum).name}: stopping after the current step, with a "
-                           "checkpoint")
-        self.signum = signum
+            self.signum = signum
+
+    def _say_received(self) -> None:
+        if self.signum and not self._said:
+            self._said = True
+            logger.warning(f"received {signal.Signals(self.signum).name}: stopping after the current step, with "
+                           "a checkpoint")
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -85,6 +92,7 @@ class StopSignals:
 
     def requested(self) -> Optional[int]:
         """The signal any process received (None: none). A collective when distributed."""
+        self._say_received()
         mine = self.signum or 0
         if comm.get_world_size() > 1:
             t = torch.tensor([mine], dtype=torch.int64)
@@ -127,15 +135,25 @@ def loader_worker_signals(worker_id: int = 0) -> None:
             signal.signal(s, signal.SIG_IGN)
     if not (hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask")):
         return  # not POSIX with real-time signals (macOS, Windows): SIGTERM keeps its default
-    parent = os.getppid()
+    # the DataLoader's process (under forkserver / spawn not the OS parent)
+    parent = multiprocessing.parent_process().pid if multiprocessing.parent_process() else os.getppid()
     # Blocked in this thread and in every thread started after it (a forked worker has no
     # other); the thread below takes it with its sender.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
+    def parent_gone() -> bool:
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
     def wait() -> None:
         while True:
             info = signal.sigwaitinfo({signal.SIGTERM})
-            if info.si_pid == parent or os.getppid() != parent:
+            if info.si_pid == parent or parent_gone():
                 os._exit(0)  # as PyTorch's worker handler does for its parent's SIGTERM
 
     threading.Thread(target=wait, name="scrl_d2-sigterm", daemon=True).start()

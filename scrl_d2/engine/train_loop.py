@@ -176,10 +176,15 @@ class TrainerBase:
 
     @torch.no_grad()
     def check_finite(self, when: str) -> None:
-        """Raise :class:`TrainingDiverged` if a weight or buffer (running statistics
-        included) is NaN or infinite. The weights are the same on every process (DDP;
-        SyncBN statistics too), so every process stops."""
+        """Raise :class:`TrainingDiverged` on every process if a weight or buffer (running
+        statistics included) is NaN or infinite on any (a collective: every process calls
+        it, as :meth:`save_checkpoint`)."""
         bad = [n for n, t in self.model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if self.world_size > 1:  # per-process BN statistics may differ: every process must stop together
+            flag = torch.tensor([len(bad)], dtype=torch.int64)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=comm._cpu_group())
+            if flag.item() and not bad:
+                bad = ["(on another process)"]
         if bad:
             raise TrainingDiverged(
                 f"training diverged by {self.where()}: non-finite values in {len(bad)} tensors, e.g. {bad[:3]}; "
