@@ -11,6 +11,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from ..data.datasets import ImageReadError, read_image
+from ..utils.errors import InputValueError
 from .datasets import check_dataset_files, get_dataset
 from .torchvision_model import PolygonMasks
 
@@ -26,10 +27,10 @@ def _coco_api(name: str) -> Tuple[COCO, str]:
 
     ds = get_dataset(name)
     if ds.kind not in TORCHVISION_KINDS:
-        raise ValueError(f"detection dataset {name!r} ({ds.kind} format, {ds.evaluator} evaluation) needs "
-                         "Detectron2: install it (see README, 'Detectron2 backend')"
-                         + (" and the `lvis` package" if ds.kind == "lvis" else "")
-                         + (" and `cityscapesscripts`" if ds.kind == "cityscapes" else ""))
+        raise InputValueError(f"detection dataset {name!r} ({ds.kind} format, {ds.evaluator} evaluation) needs "
+                              "Detectron2: install it (see README, 'Detectron2 backend')"
+                              + (" and the `lvis` package" if ds.kind == "lvis" else "")
+                              + (" and `cityscapesscripts`" if ds.kind == "cityscapes" else ""))
     paths = check_dataset_files(name)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         if ds.kind == "voc":
@@ -65,11 +66,11 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
             ids = [i for i in ids if sum(sum(v > 0 for v in a.get("keypoints", [])[2::3])
                                          for a in self.coco.imgToAnns.get(i, [])) >= min_keypoints]
         if not ids:
-            raise ValueError(f"detection dataset {name!r} ({self.image_root}) has no usable images")
+            raise InputValueError(f"detection dataset {name!r} ({self.image_root}) has no usable images")
         if flip not in ("horizontal", "vertical", "none"):
-            raise ValueError(f"INPUT.RANDOM_FLIP: {flip!r} is not 'horizontal', 'vertical' or 'none'")
+            raise InputValueError(f"INPUT.RANDOM_FLIP: {flip!r} is not 'horizontal', 'vertical' or 'none'")
         if mask_format not in ("polygon", "bitmask"):
-            raise ValueError(f"INPUT.MASK_FORMAT: {mask_format!r} is not 'polygon' or 'bitmask'")
+            raise InputValueError(f"INPUT.MASK_FORMAT: {mask_format!r} is not 'polygon' or 'bitmask'")
         self.ids, self.train, self.with_masks, self.flip = ids, train, with_masks, flip
         self.mask_format = mask_format
         # DATALOADER.ASPECT_RATIO_GROUPING's bucket per image, from the annotation's size as Detectron2
@@ -79,8 +80,8 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         self.with_keypoints = with_keypoints
         self.keypoint_flip = _flip_order(tuple(self.keypoint_names)) if self.keypoint_names else None
         if with_keypoints and not self.keypoint_names:
-            raise ValueError(f"detection dataset {name!r}: MODEL.KEYPOINT_ON needs a COCO keypoints json "
-                             "(one category with 'keypoints'), e.g. keypoints_coco_2017_train")
+            raise InputValueError(f"detection dataset {name!r}: MODEL.KEYPOINT_ON needs a COCO keypoints json "
+                                  "(one category with 'keypoints'), e.g. keypoints_coco_2017_train")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -106,8 +107,8 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         if self.with_masks and self.train:
             if self.mask_format == "polygon":
                 if not all(isinstance(a["segmentation"], list) for a in anns):
-                    raise ValueError(f"dataset {self.name!r}, image {path}: a mask is RLE, not polygons; "
-                                     "set INPUT.MASK_FORMAT bitmask (as Detectron2 requires)")
+                    raise InputValueError(f"dataset {self.name!r}, image {path}: a mask is RLE, not polygons; "
+                                          "set INPUT.MASK_FORMAT bitmask (as Detectron2 requires)")
                 target["masks"] = PolygonMasks([a["segmentation"] for a in anns])
             else:
                 masks = [self._mask(a["segmentation"], h, w) for a in anns]
@@ -169,7 +170,7 @@ def build_detection_dataset(names, train: bool, **kwargs) -> torch.utils.data.Da
     parts = [CocoDetectionDataset(n, train=train, **kwargs) for n in names]
     for p in parts[1:]:
         if p.class_names != parts[0].class_names:
-            raise ValueError(f"DATASETS.TRAIN: {parts[0].name!r} and {p.name!r} have different classes")
+            raise InputValueError(f"DATASETS.TRAIN: {parts[0].name!r} and {p.name!r} have different classes")
     if len(parts) == 1:
         return parts[0]
     cat = torch.utils.data.ConcatDataset(parts)

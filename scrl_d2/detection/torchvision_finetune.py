@@ -278,6 +278,12 @@ class TorchvisionDetectionTrainer(TrainerBase):
 
         with torch.enable_grad():
             update_bn_stats(_Wrap().train(), iter(loader), self.cfg.TEST.PRECISE_BN.NUM_ITER)
+        if self.world > 1:
+            # fvcore weights each process's (already synchronised) statistics by its own batch size
+            # (RoIs per process differ): the main process's, so every process evaluates one model
+            for m in get_bn_modules(self.model):
+                for b in (m.running_mean, m.running_var):
+                    torch.distributed.broadcast(b, 0, group=comm._cpu_group() if b.device.type == "cpu" else None)
         model.train()
         logger.info(f"precise BN: statistics recomputed over {self.cfg.TEST.PRECISE_BN.NUM_ITER} batches")
 

@@ -33,9 +33,10 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_align
 from torchvision.ops import poolers as tv_poolers
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from ..checkpoint import LayoutError, d2_to_torchvision, extract_encoder, load_checkpoint_file
+from ..checkpoint import LayoutError, d2_to_torchvision, extract_encoder, load_checkpoint_file, load_pickle_file
 from ..config import ConfigError
 from ..modeling.layers import SyncBatchNorm
+from ..utils.errors import InputFileNotFoundError, InputValueError
 from .torchvision_keys import check_torchvision_keys
 
 __all__ = ["build_torchvision_detector", "norm_layer", "load_detector_weights", "DETECTION_ARCHITECTURES",
@@ -51,7 +52,7 @@ def norm_layer(norm: str, key: str) -> Optional[Callable[[int], nn.Module]]:
     table = {"": None, "BN": nn.BatchNorm2d, "SyncBN": SyncBatchNorm, "FrozenBN": FrozenBatchNorm2d,
              "GN": lambda c: nn.GroupNorm(32, c), "naiveSyncBN": SyncBatchNorm, "naiveSyncBN_N": SyncBatchNorm}
     if norm not in table:
-        raise ValueError(f"{key}: unknown norm {norm!r}; use one of {sorted(k for k in table if k)} or ''")
+        raise InputValueError(f"{key}: unknown norm {norm!r}; use one of {sorted(k for k in table if k)} or ''")
     return table[norm]
 
 
@@ -86,12 +87,17 @@ def _anchors(cfg, levels: int) -> Float32AnchorGenerator:
 
 
 class Float32BoxCoder(BoxCoder):
-    """torchvision decodes boxes in the deltas' dtype (bf16 / fp16 under autocast), so
-    proposals and detections would lose whole pixels; decode in float32 as Detectron2's
-    ``Box2BoxTransform`` does."""
+    """torchvision decodes boxes in the deltas' dtype (bf16 / fp16 under autocast: it casts
+    the anchors / proposals to it), so proposals and detections would lose whole pixels;
+    decode in float32 as Detectron2's ``Box2BoxTransform`` does, at both entry points:
+    ``decode`` (RPN proposals, R-CNN detections) and ``decode_single`` (which RetinaNet's
+    detections call directly)."""
 
     def decode(self, rel_codes: torch.Tensor, boxes: List[torch.Tensor]) -> torch.Tensor:
         return super().decode(rel_codes.float(), [b.float() for b in boxes])
+
+    def decode_single(self, rel_codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return super().decode_single(rel_codes.float(), boxes.float())
 
 
 def _exact_boxes(model: nn.Module) -> nn.Module:
@@ -109,15 +115,20 @@ def _exact_boxes(model: nn.Module) -> nn.Module:
 
 class RetinaNetFromOne(RetinaNet):
     """torchvision's RetinaNet indexes its class logits by label (0..C-1); the datasets give
-    R-CNN labels 1..C (0 = background). Shift in and out, so outputs match the R-CNNs'."""
+    R-CNN labels 1..C (0 = background). Shift in and out, so outputs match the R-CNNs'.
+    Its losses carry Detectron2's names (``loss_cls``, ``loss_box_reg``): the training
+    step sums, and the metrics report, the outputs named ``loss*``."""
+
+    LOSS_NAMES = {"classification": "loss_cls", "bbox_regression": "loss_box_reg"}
 
     def forward(self, images, targets=None):
         if targets is not None:
             targets = [dict(t, labels=t["labels"] - 1) for t in targets]
         out = super().forward(images, targets)
-        if not self.training:
-            for o in out:
-                o["labels"] = o["labels"] + 1
+        if self.training:
+            return {self.LOSS_NAMES[k]: v for k, v in out.items()}
+        for o in out:
+            o["labels"] = o["labels"] + 1
         return out
 
 
@@ -367,7 +378,7 @@ def build_torchvision_detector(cfg) -> nn.Module:
     if cfg.MODEL.META_ARCHITECTURE == "RetinaNet":
         return _with_d2_input(_exact_boxes(_retinanet(cfg)), cfg)
     if cfg.MODEL.MASK_ON and cfg.MODEL.KEYPOINT_ON:
-        raise ValueError("MODEL.MASK_ON and MODEL.KEYPOINT_ON together: the torchvision path builds one of them")
+        raise InputValueError("MODEL.MASK_ON and MODEL.KEYPOINT_ON together: the torchvision path builds one of them")
     backbone = _resnet_fpn(cfg)
     num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1  # + background
     out_ch = cfg.MODEL.FPN.OUT_CHANNELS
@@ -423,20 +434,24 @@ def load_detector_weights(model: nn.Module, path: str) -> str:
     pretrained backbone weights in any layout ``tools/convert.py`` reads (a converted
     ``.pkl`` / ``.pth``, one of our pretraining checkpoints, the official release, a
     torchvision ResNet). Returns what was loaded."""
-    if path.endswith(".pkl"):
-        import pickle
-
+    if path.endswith(".pkl"):  # a pickle: read by an unpickler that rebuilds numpy arrays only
         try:
-            with open(path, "rb") as f:
-                ckpt = pickle.load(f, encoding="latin1")
+            ckpt = load_pickle_file(path)
         except FileNotFoundError:
-            raise FileNotFoundError(f"MODEL.WEIGHTS: file not found: {path}") from None
+            raise InputFileNotFoundError(f"MODEL.WEIGHTS: file not found: {path}") from None
+        except ValueError as e:
+            raise InputValueError(f"MODEL.WEIGHTS {e}") from e
+        if not isinstance(ckpt, dict):
+            raise InputValueError(f"MODEL.WEIGHTS {path}: a Detectron2 .pkl holds a dict, this one a "
+                                  f"{type(ckpt).__name__}")
         ckpt = {"model": {k: torch.as_tensor(v) for k, v in ckpt.get("model", ckpt).items()}}
     else:
         try:
             ckpt = load_checkpoint_file(path)
         except FileNotFoundError:
-            raise FileNotFoundError(f"MODEL.WEIGHTS: file not found: {path}") from None
+            raise InputFileNotFoundError(f"MODEL.WEIGHTS: file not found: {path}") from None
+        except ValueError as e:
+            raise InputValueError(f"MODEL.WEIGHTS {e}") from e
     state = ckpt.get("model", {}) if isinstance(ckpt, dict) else {}
     if any(k.startswith("backbone.body.") for k in state):
         model.load_state_dict(state, strict=True)
@@ -444,12 +459,12 @@ def load_detector_weights(model: nn.Module, path: str) -> str:
     try:
         layout, enc, _ = extract_encoder(ckpt)
     except LayoutError as e:
-        raise ValueError(f"MODEL.WEIGHTS {path}: {e}") from e
+        raise InputValueError(f"MODEL.WEIGHTS {path}: {e}") from e
     tv = {d2_to_torchvision(k): v for k, v in enc.items()}
     body = model.backbone.body
     result = body.load_state_dict(tv, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if missing or result.unexpected_keys:
-        raise ValueError(f"MODEL.WEIGHTS {path}: backbone keys missing {missing[:5]} / unexpected "
-                         f"{result.unexpected_keys[:5]} (a different MODEL.RESNETS.DEPTH?)")
+        raise InputValueError(f"MODEL.WEIGHTS {path}: backbone keys missing {missing[:5]} / unexpected "
+                              f"{result.unexpected_keys[:5]} (a different MODEL.RESNETS.DEPTH?)")
     return f"the backbone ({layout} layout, {len(tv)} tensors)"
