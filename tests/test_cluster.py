@@ -280,6 +280,35 @@ def test_submitit_job_is_preempted_requeued_and_resumes(tmp_path, image_folder, 
     assert_same_weights(reference, model_state(os.path.join(out, "checkpoint_2.pth")), atol=0)
 
 
+def test_submitit_fine_tuning_job_is_preempted_requeued_and_resumes(tmp_path, datasets_env, r18_weights):
+    """A fine-tuning config through submitit's local executor, as on SLURM: 2 tasks with a
+    loader worker each, SIGUSR2 to every process of the tasks; the job checkpoints, is
+    requeued with the same command and finishes with its final evaluation."""
+    pytest.importorskip("submitit")
+    env = dict(ENV, **datasets_env, SCRL_D2_BACKEND="torchvision")
+    out = str(tmp_path / "ft")
+    p = _start([sys.executable, SUBMIT, "--cluster", "local", "--nodes", "1", "--gpus-per-node", "2", "--time", "30",
+                "--config-file", DEMO, "OUTPUT_DIR", out, "MODEL.WEIGHTS", r18_weights, "SOLVER.MAX_ITER", "8", *FAST,
+                "DATALOADER.NUM_WORKERS", "1", "SOLVER.CHECKPOINT_PERIOD", "100", "LOG_PERIOD", "1"], env=env)
+    try:
+        _wait_for(lambda: os.path.exists(os.path.join(out, "metrics.json"))
+                  and '"iteration": 2' in open(os.path.join(out, "metrics.json")).read(), timeout=400,
+                  what="iteration 2")
+        tasks = _procs("SUBMITIT_LOCAL_GLOBALID", cmd_has="submitit")  # 2 tasks and their loader workers
+        assert len(tasks) >= 2
+        for pid in tasks:
+            os.kill(pid, signal.SIGUSR2)
+    finally:
+        rc, so, se = _finish(p, timeout=600)
+    assert rc == 0, so[-2000:] + se[-3000:]
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "interrupted by SIGUSR2 after iteration" in log and "resumed at iteration" in log, log[-3000:]
+    assert "killed by signal" not in log
+    assert os.path.exists(os.path.join(out, "model_final.pth")) and os.path.exists(os.path.join(out, "results.json"))
+    iters = [int(x) for x in re.findall(r'"iteration": (\d+)', open(os.path.join(out, "metrics.json")).read())]
+    assert max(iters) == 7 and len(iters) == len(set(iters))  # every step once, through the requeue
+
+
 def test_torchrun_runs_detection_finetuning_and_linear_evaluation(tmp_path, image_folder, datasets_env,
                                                                  r18_weights):
     # the torchvision path: Detectron2's DefaultTrainer builds DDP with device_ids, which
