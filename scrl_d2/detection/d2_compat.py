@@ -68,13 +68,35 @@ class _ForkserverPools:
         ctx = multiprocessing.get_context("forkserver")
         # imported once by the server (if it is not running yet), not by every worker
         ctx.set_forkserver_preload(["scrl_d2.detection.d2_compat", "detectron2.data.datasets.cityscapes"])
-        return ctx.Pool(processes, initializer=_pool_worker)
+        return _ClosingPool(ctx.Pool(processes, initializer=_pool_worker))
+
+
+class _ClosingPool:
+    """Detectron2 maps once and never closes its pool; left to the garbage collector, the pool
+    is terminated from a finalizer, which can wait forever on a worker holding the task
+    queue's lock. Closed and joined right after the map instead."""
+
+    def __init__(self, pool):
+        self._pool = pool
+
+    def map(self, func, iterable):
+        try:
+            return self._pool.map(func, iterable)
+        finally:
+            self._pool.close()
+            self._pool.join()
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def join(self) -> None:
+        self._pool.join()
 
 
 def _pool_worker() -> None:
     """A Cityscapes pool worker: the alias, and the stop signals left to the trainer (SLURM
     signals every process of a job; a worker that died of it would leave ``Pool.map``
-    waiting forever). Detectron2 closes the pool after its map, so the workers end."""
+    waiting forever). :class:`_ClosingPool` closes the pool after its map, so the workers end."""
     import signal
 
     from ..engine.preemption import STOP_SIGNALS

@@ -231,7 +231,7 @@ def archive_run(directory: str) -> Optional[str]:
 
 
 # keys a rerun may change and still continue the same run (how it runs, not what it trains)
-RESUME_MAY_CHANGE = ("DATALOADER.NUM_WORKERS", "LOG_PERIOD", "TEST.EVAL_PERIOD", "MODEL.DEVICE", "OUTPUT_DIR",
+RESUME_MAY_CHANGE = ("DATALOADER.NUM_WORKERS", "LOG_PERIOD", "MODEL.DEVICE", "OUTPUT_DIR",
                      "SOLVER.CHECKPOINT_PERIOD", "SOLVER.CHECKPOINT_MAX_TO_KEEP", "DATASETS.ROOT")
 
 
@@ -260,8 +260,8 @@ def resolve_resume(cfg, args) -> bool:
     except (OSError, yaml.YAMLError):
         return True  # no readable record of the run: as Detectron2, the newest checkpoint
     now = _flat(yaml.safe_load(cfg.dump()) or {})
-    differ = sorted(k for k in set(saved) | set(now)
-                    if saved.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE)
+    # keys on both sides only: a key added by an update (or by installing Detectron2) is no other run
+    differ = sorted(k for k in set(saved) & set(now) if saved[k] != now[k] and k not in RESUME_MAY_CHANGE)
     if differ:
         k = differ[0]
         raise InputValueError(
