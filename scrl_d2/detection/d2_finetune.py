@@ -23,6 +23,7 @@ from ..engine.rng import rng_state, set_rng_state
 from ..modeling.layers import cpu_capable_sync_bn
 from ..utils import comm
 from ..utils.errors import InputFileNotFoundError, InputValueError
+from ..utils.events import history_state, restore_history
 from .coco_eval import results_json
 from .sampler import SeededItems, TrainingBatches, ignore_stop_signals
 
@@ -30,10 +31,6 @@ __all__ = ["run_detectron2", "build_train_loader"]
 
 logger = logging.getLogger("scrl_d2.detection")
 
-# Detectron2's writers (JSONWriter, CommonMetricPrinter, TensorBoard) smooth over the
-# last 20 values of each metric: a resumed run carries these over so that its metrics.json
-# reads as an uninterrupted run's.
-_HISTORY_KEPT = 20
 
 
 def build_evaluator(cfg, dataset_name: str, output_folder=None):
@@ -122,29 +119,6 @@ def _diverged(cfg, what: str) -> TrainingDiverged:
                             "resumes from there")
 
 
-def _history_state(storage) -> Dict:
-    """The last values of each metric in ``storage`` (Detectron2's EventStorage)."""
-    hints = storage.smoothing_hints()
-    out = {}
-    for name, buf in storage.histories().items():
-        kept = buf.values()[-_HISTORY_KEPT:]
-        out[name] = {"values": torch.tensor([v for v, _ in kept], dtype=torch.float64),
-                     "iterations": torch.tensor([int(i) for _, i in kept], dtype=torch.int64),
-                     "smoothing_hint": bool(hints.get(name, True))}
-    return out
-
-
-def _restore_history(storage, state: Dict) -> None:
-    from detectron2.utils.events import HistoryBuffer
-
-    for name, h in state.items():
-        buf = HistoryBuffer()
-        for v, i in zip(h["values"].tolist(), h["iterations"].tolist()):
-            buf.update(v, i)
-        storage._history[name] = buf  # EventStorage has no public setter; put_scalar would re-emit old lines
-        storage._smoothing_hints[name] = h["smoothing_hint"]
-
-
 def _trainer_class():
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
@@ -219,7 +193,7 @@ def _trainer_class():
             if _any_process(bool(bad)):
                 raise _diverged(t.cfg, f"by iteration {t.iter}: non-finite values in {len(bad)} weight tensor(s), "
                                        f"e.g. {bad[:3]}; stopped before writing a checkpoint of them")
-            self._saved = {"rng": comm.all_gather(rng_state()), "history": _history_state(t.storage)}
+            self._saved = {"rng": comm.all_gather(rng_state()), "history": history_state(t.storage)}
 
         def after_step(self):
             it = self.trainer.iter
@@ -241,7 +215,7 @@ def _trainer_class():
             else:
                 logger.warning(f"resuming on {world} processes, the checkpoint was written by {len(rngs)}: the random "
                                "streams (RoI sampling) differ from an uninterrupted run's")
-            _restore_history(self.trainer.storage, self._loaded["history"])
+            restore_history(self.trainer.storage, self._loaded["history"])
             self._loaded = None
 
     class StopOnSignal(hooks.HookBase):
