@@ -24,5 +24,7 @@ setup(
     ],
     extras_require={"test": ["pytest>=7"], "coco": ["pycocotools>=2.0.6"],
                     # tools/submit_slurm.py (SLURM submission, preemption and requeue)
-                    "slurm": ["submitit>=1.5"]},
+                    "slurm": ["submitit>=1.5"],
+                    # tools/transfer.py --study (Student-t intervals, the figure)
+                    "study": ["scipy>=1.10", "matplotlib>=3.5"]},
 )

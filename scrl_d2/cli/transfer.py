@@ -9,6 +9,7 @@ tabulate the results (mean ± std over trials) beside the published numbers.
     python tools/transfer.py ... --launcher slurm --slurm-args "--nodes 1 --partition learnlab"
     python tools/transfer.py --output-dir output/transfer --table-only ...   # tabulate what is done
     python tools/transfer.py --preset demo                  # CPU, generated data, minutes
+    python tools/transfer.py --study small                  # the small-scale study (CPU, ~75 min)
 
 Checkpoints: ours, the official release's, torchvision's (converted once to Detectron2's
 .pkl under OUTPUT/weights/), or a Detectron2 .pkl (used as is); ``random`` = no pretraining.
@@ -53,6 +54,9 @@ def parser() -> argparse.ArgumentParser:
                    "ROOT (ResNet-18, small images, few iterations): a check of the pipeline, not a result")
     p.add_argument("--table-only", action="store_true", help="write the table of what is complete; run nothing")
     p.add_argument("--preset", choices=["demo"], help="demo: random vs BYOL vs SCRL demo checkpoints on CPU")
+    p.add_argument("--study", metavar="NAME", help="run a study (random init vs BYOL vs SCRL, pretraining "
+                   "included, paired trials, 95%% intervals): 'small' (CPU, ~75 min) or 'smoke' (its miniature); "
+                   "default --output-dir output/study_NAME")
     p.add_argument("--list", action="store_true", help="list the protocols and exit")
     p.add_argument("opts", nargs="*", help="KEY VALUE config overrides for every run (after --)")
     return p
@@ -108,11 +112,42 @@ def pretrain_demo(out: str) -> dict:
     return ckpts
 
 
+def run_study(args) -> None:
+    from scrl_d2.detection import use_detectron2
+    from scrl_d2.detection.study import Study, get_study
+    from scrl_d2.detection.study_report import write_report
+
+    try:
+        others = [flag for flag, given in (("--weights", args.weights), ("--protocols", args.protocols),
+                                           ("--preset", args.preset), ("--miniature", args.miniature),
+                                           ("--trials", args.trials is not None), ("KEY VALUE overrides", args.opts),
+                                           ("--launcher", args.launcher != "local")) if given]
+        if others:
+            raise InputValueError(f"--study {args.study}: {', '.join(others)} cannot be combined with a study "
+                                  "(its design is fixed; see scrl_d2/detection/study.py)")
+        study = Study(get_study(args.study), args.output_dir or os.path.join("output", f"study_{args.study}"))
+    except Exception as e:
+        if not is_bad_input(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    failed = [] if args.table_only else study.run()
+    md = write_report(study.collect(), study.output_dir, "detectron2" if use_detectron2() else "torchvision")
+    print("\n" + md)
+    print(f"written to {os.path.join(study.output_dir, 'table.md')} (and .csv, .json, figure.png)")
+    if failed:
+        print(f"{len(failed)} fine-tuning run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+
+
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.list:
         list_protocols()
+        return
+    if args.study:
+        run_study(args)
         return
     try:
         if args.preset == "demo":

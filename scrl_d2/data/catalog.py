@@ -154,5 +154,9 @@ def _register_builtin() -> None:
     for split in ("train", "val"):
         DatasetCatalog.register(f"scrl_demo_{split}", lambda s=split: demo_dicts(s))
 
+    from .scenes import register_scene_sets
+
+    register_scene_sets()
+
 
 _register_builtin()

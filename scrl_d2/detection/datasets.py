@@ -4,7 +4,8 @@ with Detectron2's builtin names and meaning:
 
 - COCO json: ``coco_2017_{train,val}``, ``keypoints_coco_2017_{train,val}``, the label-
   scarce subsets ``coco_2017_train_{1,10}pct_seed{1..5}`` (:mod:`.subsets`), the built-in
-  ``scrl_demo_det_{train,val}``, and any json + image folder (:func:`register_coco_json`);
+  ``scrl_demo_det_{train,val}``, the study's ``scrl_scenes_<set>_det_{train,val}``
+  (:mod:`scrl_d2.data.scenes`), and any json + image folder (:func:`register_coco_json`);
 - Pascal VOC: ``voc_{2007,2012}_{trainval,train,val}``, ``voc_2007_test``;
 - Cityscapes (Detectron2 only): ``cityscapes_fine_instance_seg_{train,val}``;
 - LVIS v1 (Detectron2 only): ``lvis_v1_{train,val}``.
@@ -172,6 +173,15 @@ def _synthetic(split: str) -> Callable[[], Tuple[str, str]]:
     return fn
 
 
+def _scenes(name: str, split: str) -> Callable[[], Tuple[str, str]]:
+    def fn():
+        from ..data.scenes import ensure_scene_set
+
+        root = ensure_scene_set(name)
+        return os.path.join(root, "annotations", f"{split}.json"), os.path.join(root, split)
+    return fn
+
+
 def _coco(json_rel: str, img_rel: str) -> Callable[[], Tuple[str, str]]:
     return lambda: (_root(json_rel), _root(img_rel))
 
@@ -186,7 +196,12 @@ def _register(ds: DetectionDataset) -> None:
 
 
 def _register_builtin() -> None:
+    from ..data.scenes import SCENE_SETS
     from .subsets import SEEDS, SUBSETS, subset_indices
+
+    for name in SCENE_SETS:
+        for split in ("det_train", "det_val"):
+            register_coco_json(f"scrl_scenes_{name}_{split}", _scenes(name, split))
 
     for split in ("train", "val"):
         register_coco_json(f"coco_2017_{split}", _coco(f"coco/annotations/instances_{split}2017.json",

@@ -13,6 +13,7 @@ Layout under the suite's output directory::
 A rerun skips complete runs and resumes incomplete ones (``--resume``: Detectron2's and
 our checkpoints), so only failed or missing trials cost time.
 """
+import contextlib
 import csv
 import io
 import json
@@ -22,6 +23,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -29,7 +31,7 @@ from ..checkpoint import atomic_write
 from ..utils.errors import InputFileNotFoundError, InputValueError
 from .protocols import Protocol, miniature_overrides
 
-__all__ = ["TransferRun", "TransferSuite", "mean_std", "RANDOM_INIT"]
+__all__ = ["TransferRun", "TransferSuite", "mean_std", "RANDOM_INIT", "timed", "wall_time"]
 
 logger = logging.getLogger("scrl_d2.transfer")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -167,30 +169,34 @@ class TransferSuite:
         if done:
             logger.info(f"{len(done)} run(s) already complete: skipped")
         for i, run in enumerate(todo, 1):
-            tag = f"[{i}/{len(todo)}] {run.protocol.name} / {run.checkpoint} / trial {run.trial}"
-            if self.launcher == "print":
-                print(shlex.join(run.command))
-                state["printed"].append(run)
-                continue
-            os.makedirs(run.output_dir, exist_ok=True)
-            atomic_write(os.path.join(run.output_dir, "transfer_run.json"), lambda f: f.write(json.dumps(
-                {"protocol": run.protocol.name, "checkpoint": run.checkpoint, "trial": run.trial,
-                 "command": run.command}, indent=1)), mode="w")
-            logger.info(f"{tag}: {'submitting' if self.launcher == 'slurm' else 'running'} "
-                        f"(log: {os.path.join(run.output_dir, 'log.txt')})")
-            with open(os.path.join(run.output_dir, "log.txt"), "a") as log:
-                rc = subprocess.call(run.command, stdout=log, stderr=subprocess.STDOUT)
-            if rc != 0:
-                logger.error(f"{tag}: failed with exit status {rc}; see {os.path.join(run.output_dir, 'log.txt')}")
-                state["failed"].append(run)
-            elif self.launcher == "slurm":
-                state["submitted"].append(run)
-            elif run.complete():
-                state["ran"].append(run)
-            else:
-                logger.error(f"{tag}: ended without {run.results_file}")
-                state["failed"].append(run)
+            state[self.execute_run(run, f"[{i}/{len(todo)}]")].append(run)
         return state
+
+    def execute_run(self, run: TransferRun, prefix: str = "") -> str:
+        """Run (or print, or submit) one run; returns its state: ``ran``, ``failed``,
+        ``submitted`` or ``printed``. The wall time of every attempt is added to the run's
+        ``timing.json`` (``wall_s``: all attempts together, interrupted ones included)."""
+        tag = f"{prefix} {run.protocol.name} / {run.checkpoint} / trial {run.trial}".strip()
+        if self.launcher == "print":
+            print(shlex.join(run.command))
+            return "printed"
+        os.makedirs(run.output_dir, exist_ok=True)
+        atomic_write(os.path.join(run.output_dir, "transfer_run.json"), lambda f: f.write(json.dumps(
+            {"protocol": run.protocol.name, "checkpoint": run.checkpoint, "trial": run.trial,
+             "command": run.command}, indent=1)), mode="w")
+        logger.info(f"{tag}: {'submitting' if self.launcher == 'slurm' else 'running'} "
+                    f"(log: {os.path.join(run.output_dir, 'log.txt')})")
+        with open(os.path.join(run.output_dir, "log.txt"), "a") as log, timed(run.output_dir):
+            rc = subprocess.call(run.command, stdout=log, stderr=subprocess.STDOUT)
+        if rc != 0:
+            logger.error(f"{tag}: failed with exit status {rc}; see {os.path.join(run.output_dir, 'log.txt')}")
+            return "failed"
+        if self.launcher == "slurm":
+            return "submitted"
+        if run.complete():
+            return "ran"
+        logger.error(f"{tag}: ended without {run.results_file}")
+        return "failed"
 
     # ------------------------------------------------------------------ the table
     def table(self) -> List[Dict]:
@@ -266,6 +272,28 @@ class TransferSuite:
                 w.writerow([r["protocol"], r["row"], r["source"], m, _fmt(c["mean"]), _fmt(c["std"]),
                             "" if c["n"] is None else c["n"], " ".join(r["runs"])])
         return out.getvalue()
+
+
+@contextlib.contextmanager
+def timed(folder: str):
+    """Add the wall time of the enclosed block to ``folder/timing.json`` (``wall_s``), also
+    when it ends by an exception or an interruption (the time was spent)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        path = os.path.join(folder, "timing.json")
+        total = wall_time(folder) + time.perf_counter() - t0
+        atomic_write(path, lambda f: f.write(json.dumps({"wall_s": round(total, 3)})), mode="w")
+
+
+def wall_time(folder: str) -> float:
+    """The seconds :func:`timed` recorded for ``folder`` (0 if none)."""
+    try:
+        with open(os.path.join(folder, "timing.json")) as f:
+            return float(json.load(f)["wall_s"])
+    except (OSError, ValueError, KeyError):
+        return 0.0
 
 
 def _fmt(v) -> str:
