@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -54,13 +55,27 @@ def test_linear_eval_learns_above_chance_and_writes_results(pretrained):
     r = run_cli("--eval-only", *_eval_opts(pretrained, out, pretrained["ckpt"]), "LINEAR_EVAL.EPOCHS", "30",
                 "LINEAR_EVAL.WARMUP_EPOCHS", "2", "LINEAR_EVAL.IMS_PER_GPU", "8", "LINEAR_EVAL.EVAL_PERIOD", "10",
                 "LINEAR_EVAL.PRECOMPUTE_FEATURES", "True", "LINEAR_EVAL.OPTIMIZER", "SGD", "LINEAR_EVAL.BASE_LR", "1.0",
-                "KNN.PERIOD", "1", "KNN.K", "10")
+                "KNN.PERIOD", "1", "KNN.K", "10", "TEST.RANDOM_BASELINE", "True")
     res = json.load(open(os.path.join(out, "linear_eval", "linear_eval.json")))
     assert res["top1_best"] > 45.0, res  # 4 classes: chance is 25 %
     assert res["protocol"]["train_augmentation"].startswith("none (precomputed-features")
     assert {"top1_last", "top1_best", "best_epoch"} <= set(res) and res["best_epoch"] in (10, 20, 30)
-    assert "k-NN (k=10, T=0.07) top-1" in r.stdout
-    assert "[Final result (linear eval.)]" in open(os.path.join(out, "log_result.txt")).read()
+    # TEST.RANDOM_BASELINE: the same k-NN and linear evaluation of a random-init encoder, beside
+    knn = re.search(r"k-NN \(k=10, T=0.07\) top-1 on \S+: ([0-9.]+)% \(random init: ([0-9.]+)%\)", r.stdout)
+    assert knn, r.stdout[-2000:]
+    base = json.load(open(os.path.join(out, "linear_eval_random_init", "linear_eval.json")))
+    lines = open(os.path.join(out, "log_result.txt")).read().splitlines()
+    assert len(lines) == 2 and "[random init]" in lines[1] and "[random init]" not in lines[0]
+    assert f"random-init baseline {base['top1_last']:.2f}%" in r.stdout
+    # the baseline is a seeded random encoder's (SEED), not the checkpoint's: recompute it here
+    from conftest import tiny_cfg
+    from scrl_d2.evaluation import random_encoder, run_knn
+
+    cfg = tiny_cfg(pretrained["train"])
+    cfg.merge_from_list(["DATASETS.TEST", f"('{pretrained['test']}',)", "KNN.K", "10"])
+    assert f"{run_knn(cfg, random_encoder(cfg), torch.device('cpu'))['knn/top1']:.2f}" == knn.group(2)
+    assert random_encoder(cfg).backbone.state_dict()["stem.conv1.weight"].equal(
+        random_encoder(cfg).backbone.state_dict()["stem.conv1.weight"])
 
 
 def _official_and_torchvision(ckpt, root):
@@ -108,8 +123,12 @@ def test_eval_only_accepts_official_checkpoints_and_resumes(pretrained):
 def test_probe_keeps_its_best_checkpoint_and_linear_eval_follows_pretraining(tmp_path, pretrained):
     out = str(tmp_path / "probe")
     r = run_cli(*tiny_opts(pretrained["train"], out), "MODEL.PROBE.ENABLED", "True", "DATASETS.TEST",
-                f"('{pretrained['test']}',)", "TEST.EVAL_PERIOD", "1", *LE_FAST)
+                f"('{pretrained['test']}',)", "TEST.EVAL_PERIOD", "1", *LE_FAST, "KNN.PERIOD", "1", "KNN.K", "5",
+                "TEST.RANDOM_BASELINE", "True")
     assert os.path.exists(os.path.join(out, "checkpoint_best.pth")) and "online probe top-1" in r.stdout
+    # the k-NN monitor's line of every epoch has the random-init baseline beside it (computed once)
+    knn = re.findall(r"epoch (\d+): k-NN \(k=5, T=0.07\) top-1 [0-9.]+% \(random init: ([0-9.]+)%\)", r.stdout)
+    assert [e for e, _ in knn] == ["1", "2"] and len({b for _, b in knn}) == 1, r.stdout[-3000:]
     assert os.readlink(os.path.join(out, "checkpoint_last.pth")) == "checkpoint_2.pth"
     best = torch.load(os.path.join(out, "checkpoint_best.pth"), weights_only=False)["trainer"]
     assert best["best_probe"] >= 0

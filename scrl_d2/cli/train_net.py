@@ -10,6 +10,7 @@ A config whose MODEL.META_ARCHITECTURE is "GeneralizedRCNN" fine-tunes a detecto
 R-CNN); SCRL / BYOL configs pretrain.
 """
 import logging
+import os
 import sys
 from datetime import timedelta
 
@@ -53,9 +54,26 @@ def main(args) -> None:
             return
         m = trainer.model
         encoder = Encoder(m.backbone, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, m.in_feature, m.channels_last)
-        ev = LinearEvaluator(cfg, encoder, trainer.device, trainer.dtype)
-        ev.resume()
-        ev.run()
+        linear_evaluation(cfg, encoder, trainer.device, trainer.dtype)
+
+
+def linear_evaluation(cfg, encoder, device, dtype) -> None:
+    """The linear evaluation of ``encoder``; with TEST.RANDOM_BASELINE, the same of a
+    randomly initialised encoder (OUTPUT_DIR/linear_eval_random_init), printed after it."""
+    from scrl_d2.evaluation import random_encoder
+
+    ev = LinearEvaluator(cfg, encoder, device, dtype)
+    ev.resume()
+    res = ev.run()
+    if cfg.TEST.RANDOM_BASELINE:
+        base = LinearEvaluator(cfg, random_encoder(cfg).to(device), device, dtype,
+                               output_dir=os.path.join(cfg.OUTPUT_DIR, "linear_eval_random_init"),
+                               label="random init")
+        base.resume()
+        rnd = base.run()
+        logging.getLogger("scrl_d2").info(
+            f"linear evaluation top-1 (last): {res['top1_last']:.2f}%, random-init baseline "
+            f"{rnd['top1_last']:.2f}%")
 
 
 def _labelled(cfg) -> bool:
@@ -78,12 +96,16 @@ def evaluate_checkpoint(cfg) -> None:
     encoder = encoder_from_checkpoint(cfg, find_checkpoint(cfg)).to(device)
     if cfg.KNN.PERIOD > 0:
         res = run_knn(cfg, encoder, device, amp_dtype(cfg, device))
+        beside = ""
+        if cfg.TEST.RANDOM_BASELINE:
+            from scrl_d2.evaluation import random_encoder
+
+            rnd = run_knn(cfg, random_encoder(cfg).to(device), device, amp_dtype(cfg, device))
+            beside = f" (random init: {rnd['knn/top1']:.2f}%)"
         log.info(f"k-NN (k={cfg.KNN.K}, T={cfg.KNN.TEMPERATURE}) top-1 on {cfg.DATASETS.TEST[0]}: "
-                 f"{res['knn/top1']:.2f}%")
+                 f"{res['knn/top1']:.2f}%{beside}")
     if cfg.LINEAR_EVAL.ENABLED:
-        ev = LinearEvaluator(cfg, encoder, device, amp_dtype(cfg, device))
-        ev.resume()
-        ev.run()
+        linear_evaluation(cfg, encoder, device, amp_dtype(cfg, device))
 
 
 def cli(argv=None) -> None:

@@ -24,8 +24,8 @@ import subprocess
 import sys
 
 from scrl_d2.detection.protocols import GROUPS, PROTOCOLS, get_protocol, miniature_formats
-from scrl_d2.detection.transfer import RANDOM_INIT, ROOT, TRAIN_NET, TransferSuite
-from scrl_d2.engine.defaults import EXIT_BAD_INPUT, EXIT_FAILED
+from scrl_d2.detection.transfer import RANDOM_INIT, ROOT, TRAIN_NET, Interrupted, TransferSuite
+from scrl_d2.engine.defaults import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED
 from scrl_d2.utils.errors import InputValueError, is_bad_input
 
 # --preset demo: random init vs BYOL and SCRL pretrained on the built-in demo images,
@@ -114,24 +114,33 @@ def pretrain_demo(out: str) -> dict:
 
 def run_study(args) -> None:
     from scrl_d2.detection import use_detectron2
-    from scrl_d2.detection.study import Study, get_study
+    from scrl_d2.detection.study import Study, StudyStepFailed, get_study
     from scrl_d2.detection.study_report import write_report
 
     try:
         others = [flag for flag, given in (("--weights", args.weights), ("--protocols", args.protocols),
                                            ("--preset", args.preset), ("--miniature", args.miniature),
                                            ("--trials", args.trials is not None), ("KEY VALUE overrides", args.opts),
-                                           ("--launcher", args.launcher != "local")) if given]
+                                           ("--launcher", args.launcher != "local"),
+                                           ("--num-gpus", args.num_gpus != 1), ("--slurm-args", args.slurm_args))
+                  if given]
         if others:
             raise InputValueError(f"--study {args.study}: {', '.join(others)} cannot be combined with a study "
                                   "(its design is fixed; see scrl_d2/detection/study.py)")
         study = Study(get_study(args.study), args.output_dir or os.path.join("output", f"study_{args.study}"))
+        study.check_design()
+        failed = [] if args.table_only else study.run()
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except StudyStepFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
     except Exception as e:
         if not is_bad_input(e):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    failed = [] if args.table_only else study.run()
     md = write_report(study.collect(), study.output_dir, "detectron2" if use_detectron2() else "torchvision")
     print("\n" + md)
     print(f"written to {os.path.join(study.output_dir, 'table.md')} (and .csv, .json, figure.png)")
@@ -179,7 +188,11 @@ def main(argv=None) -> None:
         sys.exit(EXIT_BAD_INPUT)
     failed = []
     if not args.table_only:
-        state = suite.execute()
+        try:
+            state = suite.execute()
+        except Interrupted as e:
+            print(f"stopped: {e}", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
         failed = state["failed"]
         if args.launcher == "print":
             return

@@ -234,6 +234,11 @@ _C.KNN.PERIOD = 0
 _C.KNN.K = 200
 _C.KNN.TEMPERATURE = 0.07
 
+# Evaluate a randomly initialised encoder of the same architecture (seeded by SEED, else 0)
+# with the same k-NN and linear evaluation, and print its top-1 beside each of them: a
+# representation figure means little without its no-pretraining baseline (the demo's is on).
+_C.TEST.RANDOM_BASELINE = False
+
 # ---------------------------------------------------------------------------- #
 # Misc
 # ---------------------------------------------------------------------------- #

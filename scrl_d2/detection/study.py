@@ -23,18 +23,18 @@ from their checkpoints), so a rerun of the same command finishes an interrupted 
 """
 import json
 import logging
+import math
 import os
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Tuple
 
 from ..checkpoint import atomic_write
-from ..utils.errors import InputKeyError
+from ..utils.errors import InputKeyError, InputValueError
 from .protocols import CONFIGS_DIR, Protocol
-from .transfer import RANDOM_INIT, TRAIN_NET, TransferSuite, timed, wall_time
+from .transfer import RANDOM_INIT, TRAIN_NET, TransferSuite, call_forwarding_signals, timed, wall_time
 
-__all__ = ["StudyDesign", "STUDIES", "Study", "ARMS", "get_study"]
+__all__ = ["StudyDesign", "STUDIES", "Study", "StudyStepFailed", "ARMS", "get_study"]
 
 logger = logging.getLogger("scrl_d2.study")
 
@@ -96,6 +96,10 @@ def get_study(name: str) -> StudyDesign:
     return STUDIES[name]
 
 
+class StudyStepFailed(RuntimeError):
+    """A step of the study failed (not bad input): its log is named."""
+
+
 def _datasets(design: StudyDesign, *splits: str) -> str:
     return "(" + "".join(f'"scrl_scenes_{design.scenes}_{s}",' for s in splits) + ")"
 
@@ -139,6 +143,7 @@ class Study:
     # ------------------------------------------------------------------ steps
     def run(self) -> List[str]:
         """Every step not yet complete; returns the failed fine-tuning runs (others raise)."""
+        self.check_design()
         os.makedirs(self.output_dir, exist_ok=True)
         atomic_write(self.step_dir("design.json"), lambda f: f.write(json.dumps(asdict(self.design), indent=1)),
                      mode="w")
@@ -148,6 +153,20 @@ class Study:
         for arm in ARMS:
             self.probe(arm)
         return self.finetune()
+
+    def check_design(self) -> None:
+        """A folder holds one design's results: another design is refused (results of two
+        designs would be mixed), before anything runs."""
+        path = self.step_dir("design.json")
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            held = json.load(f)
+        mine = json.loads(json.dumps(asdict(self.design)))
+        if held != mine:
+            diff = sorted(k for k in set(held) | set(mine) if held.get(k) != mine.get(k))
+            raise InputValueError(f"--output-dir {self.output_dir} holds study {held.get('name')!r} with another "
+                                  f"design ({', '.join(diff)} differ); give another --output-dir")
 
     def make_data(self) -> None:
         from ..data.scenes import ensure_scene_set
@@ -166,10 +185,10 @@ class Study:
                "DATASETS.TRAIN", _datasets(self.design, "pretrain")] + list(self.design.pretrain_opts)
         logger.info(f"pretraining {arch.upper()} (log: {os.path.join(d, 'log.txt')})")
         with open(os.path.join(d, "log.txt"), "a") as log, timed(d):
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+            rc = call_forwarding_signals(cmd, log, f"the {arch.upper()} pretraining")
         if rc != 0:
-            raise RuntimeError(f"{arch.upper()} pretraining failed with exit status {rc}; see "
-                               f"{os.path.join(d, 'log.txt')}")
+            raise StudyStepFailed(f"the {arch.upper()} pretraining failed with exit status {rc}; see "
+                                  f"{os.path.join(d, 'log.txt')}")
         from ..checkpoint import Checkpointer
         import torch
 
@@ -240,13 +259,21 @@ class Study:
         runs = {arm: {} for arm in ARMS}
         curves = {arm: {} for arm in ARMS}
         walls = {arm: 0.0 for arm in ARMS}
+        no_detections, incomplete = [], []
         have_pretraining = all(os.path.isfile(os.path.join(self.pretrain_dir(a), "done.json")) for a in ("byol", "scrl"))
         if have_pretraining:
             for r in self.finetune_runs():
-                if r.complete():
-                    runs[r.checkpoint][r.trial] = r.results()
-                    curves[r.checkpoint][r.trial] = read_curve(r.output_dir, "total_loss")
-                    walls[r.checkpoint] += wall_time(r.output_dir)
+                walls[r.checkpoint] += wall_time(r.output_dir)
+                if not r.complete():
+                    if os.path.isdir(r.output_dir):
+                        incomplete.append(f"{r.checkpoint}/trial{r.trial}")
+                    continue
+                res = r.results()
+                if predictions_empty(r.output_dir):
+                    res = {**res, **empty_prediction_metrics(self.val_areas(), res)}
+                    no_detections.append(f"{r.checkpoint}/trial{r.trial}")
+                runs[r.checkpoint][r.trial] = res
+                curves[r.checkpoint][r.trial] = read_curve(r.output_dir, "total_loss")
         probes = {}
         for arm in ARMS:
             p = self.step_dir("probe", arm, "probe.json")
@@ -259,7 +286,43 @@ class Study:
             if os.path.isfile(os.path.join(d, "done.json")):
                 pretrain[arch] = {"wall_s": wall_time(d), "curve": read_curve(d, "total_loss")}
         return {"design": asdict(self.design), "runs": runs, "curves": curves, "finetune_wall_s": walls,
-                "probes": probes, "pretrain": pretrain, "data_wall_s": wall_time(self.output_dir)}
+                "probes": probes, "pretrain": pretrain, "data_wall_s": wall_time(self.output_dir),
+                "no_detections": no_detections, "incomplete": incomplete}
+
+    def val_areas(self) -> List[float]:
+        """The areas of the held-out detection split's objects."""
+        from ..data.scenes import ensure_scene_set
+
+        with open(os.path.join(ensure_scene_set(self.design.scenes), "annotations", "det_val.json")) as f:
+            return [a["area"] for a in json.load(f)["annotations"] if not a.get("iscrowd", 0)]
+
+
+# COCO's area ranges (pycocotools' COCOeval.Params.areaRng)
+_AREAS = {"APs": (0, 32 ** 2), "APm": (32 ** 2, 96 ** 2), "APl": (96 ** 2, 1e10)}
+
+
+def predictions_empty(run_dir: str) -> bool:
+    """Whether the run's final evaluation had no prediction at all (its
+    ``coco_instances_results.json``, written by both fine-tuning paths, is an empty list)."""
+    for dirpath, _, files in os.walk(run_dir):
+        if "coco_instances_results.json" in files:
+            with open(os.path.join(dirpath, "coco_instances_results.json")) as f:
+                return json.load(f) == []
+    return False
+
+
+def empty_prediction_metrics(areas: List[float], res: Dict[str, float]) -> Dict[str, float]:
+    """COCO AP of no prediction at all: 0 wherever the split has objects (what pycocotools
+    computes: recall 0), NaN where it has none. Detectron2 and our evaluator report NaN for
+    every metric instead ("no predictions"), which would drop the trial from its arm."""
+    out = {}
+    for m in METRICS:
+        name = m.split("/")[1]
+        if not math.isnan(res.get(m, float("nan"))):
+            continue
+        lo, hi = _AREAS.get(name, (0, 1e10))
+        out[m] = 0.0 if any(lo <= a < hi for a in areas) else float("nan")
+    return out
 
 
 def read_curve(run_dir: str, key: str) -> List[Tuple[int, float]]:

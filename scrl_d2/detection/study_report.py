@@ -4,7 +4,10 @@ Per arm: mean ± sample std over trials and the 95% Student-t interval of the me
 of arms: the mean of the per-trial differences (trial k of one arm minus trial k of the
 other: same SEED, so same data order and head initialisation) with its 95% Student-t
 interval (n - 1 degrees of freedom). An interval that excludes 0 is a difference the
-trials resolve; one that includes 0 is not.
+fine-tuning trials resolve; one that includes 0 is not. What the intervals do not cover: each
+method is pretrained once (one pretraining seed), so they compare these two pretrained
+checkpoints, not the methods over pretraining seeds; and they are per comparison (3 pairs x 6
+metrics, no correction for multiple comparisons).
 """
 import csv
 import io
@@ -64,14 +67,35 @@ def environment(backend: str) -> Dict[str, str]:
     import torch
     import torchvision
 
+    import matplotlib
+    import scipy
+
     env = {"machine": platform.machine(), "cpu": _cpu_model(), "cores": str(os.cpu_count()),
            "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-           "torchvision": torchvision.__version__, "numpy": numpy.__version__, "backend": backend}
+           "torchvision": torchvision.__version__, "numpy": numpy.__version__, "scipy": scipy.__version__,
+           "matplotlib": matplotlib.__version__, "scrl_d2": _commit(), "backend": backend}
     if backend == "detectron2":
         import detectron2
 
         env["detectron2"] = detectron2.__version__
     return env
+
+
+def _commit() -> str:
+    """The checkout's git commit (``+dirty`` with uncommitted changes to tracked files)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=30)
+        if head.returncode != 0:
+            return "unknown (not a git checkout)"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
 
 
 def _cpu_model() -> str:
@@ -131,6 +155,12 @@ def markdown(report: Dict) -> str:
     for arm in ARMS:
         p = probes.get(arm)
         out.write(f"| {arm} | {p['linear_top1']:.2f} | {p['knn_top1']:.2f} |\n" if p else f"| {arm} | — | — |\n")
+    if report["no_detections"]:
+        out.write("\nRuns whose final evaluation had no prediction at all (COCO AP 0 where the split has "
+                  "objects, as pycocotools computes it): " + ", ".join(report["no_detections"]) + ".\n")
+    if report["incomplete"]:
+        out.write("\nRuns started but not complete (failed or interrupted; not in the statistics): "
+                  + ", ".join(report["incomplete"]) + ".\n")
     w = report["wall_s"]
     out.write("\nWall time: " + ", ".join(f"{k} {_minutes(v)}" for k, v in w.items()) + ".\n\n")
     out.write("Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".\n")
@@ -222,7 +252,8 @@ def write_report(collected: Dict, output_dir: str, backend: str, figure_path: Op
     walls["total"] = sum(walls.values())
     report = {"design": collected["design"], "summary": summarize(collected), "probes":
               {k: {kk: vv for kk, vv in v.items()} for k, v in collected["probes"].items()},
-              "per_trial": collected["runs"], "wall_s": walls, "environment": environment(backend)}
+              "per_trial": collected["runs"], "wall_s": walls, "environment": environment(backend),
+              "no_detections": collected["no_detections"], "incomplete": collected["incomplete"]}
     md = markdown(report)
     atomic_write(os.path.join(output_dir, "table.md"), lambda f: f.write(md), mode="w")
     atomic_write(os.path.join(output_dir, "table.csv"), lambda f: f.write(_csv(report)), mode="w")

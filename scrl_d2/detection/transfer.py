@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -31,7 +32,8 @@ from ..checkpoint import atomic_write
 from ..utils.errors import InputFileNotFoundError, InputValueError
 from .protocols import Protocol, miniature_overrides
 
-__all__ = ["TransferRun", "TransferSuite", "mean_std", "RANDOM_INIT", "timed", "wall_time"]
+__all__ = ["TransferRun", "TransferSuite", "mean_std", "RANDOM_INIT", "timed", "wall_time", "Interrupted",
+           "call_forwarding_signals"]
 
 logger = logging.getLogger("scrl_d2.transfer")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -187,7 +189,7 @@ class TransferSuite:
         logger.info(f"{tag}: {'submitting' if self.launcher == 'slurm' else 'running'} "
                     f"(log: {os.path.join(run.output_dir, 'log.txt')})")
         with open(os.path.join(run.output_dir, "log.txt"), "a") as log, timed(run.output_dir):
-            rc = subprocess.call(run.command, stdout=log, stderr=subprocess.STDOUT)
+            rc = call_forwarding_signals(run.command, log, tag)
         if rc != 0:
             logger.error(f"{tag}: failed with exit status {rc}; see {os.path.join(run.output_dir, 'log.txt')}")
             return "failed"
@@ -272,6 +274,44 @@ class TransferSuite:
                 w.writerow([r["protocol"], r["row"], r["source"], m, _fmt(c["mean"]), _fmt(c["std"]),
                             "" if c["n"] is None else c["n"], " ".join(r["runs"])])
         return out.getvalue()
+
+
+class Interrupted(Exception):
+    """The tool got a stop signal (SIGTERM / SIGUSR1 / SIGUSR2), passed it to the run it was
+    waiting for and waited until that run stopped (with its checkpoint): rerun to resume."""
+
+    def __init__(self, signum: int, step: str):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} during {step}; rerun the same command to "
+                         "resume")
+        self.signum = signum
+
+
+def call_forwarding_signals(cmd: Sequence[str], log, step: str = "") -> int:
+    """Run ``cmd`` (stdout and stderr to ``log``) and wait for it. A stop signal to this
+    process is passed on to the child, which checkpoints and exits; then :class:`Interrupted`
+    is raised. A child only ever outlives its parent's wait if it is killed (SIGKILL), so a
+    rerun never races a still-running trainer in the same folder."""
+    from ..engine.preemption import STOP_SIGNALS
+
+    proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT)
+    got: List[int] = []
+
+    def forward(signum, frame):
+        got.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)  # a signal to the whole process group reaches the child twice: harmless
+
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if proc.poll() is None:  # left by an exception (e.g. KeyboardInterrupt): do not orphan it
+            proc.wait()
+    if got:
+        raise Interrupted(got[0], step or shlex.join(cmd[:4]))
+    return rc
 
 
 @contextlib.contextmanager

@@ -246,14 +246,15 @@ class ProbeEvaluator(HookBase):
 class KnnMonitor(HookBase):
     """Weighted k-NN top-1 of the online encoder every ``period`` epochs."""
 
-    def __init__(self, period: int):
-        self.period = period
+    def __init__(self, period: int, random_baseline: bool = False):
+        self.period, self.random_baseline = period, random_baseline
+        self.baseline: Optional[float] = None  # TEST.RANDOM_BASELINE: computed once per process
 
     def after_step(self) -> None:
         t = self.trainer
         if not (t.epoch_end and (t.epoch % self.period == 0 or t.epoch == t.max_epoch)):
             return
-        from ..evaluation import Encoder, run_knn
+        from ..evaluation import Encoder, random_encoder, run_knn
 
         m = t.model
         enc = Encoder(m.backbone, t.cfg.MODEL.PIXEL_MEAN, t.cfg.MODEL.PIXEL_STD, m.in_feature, m.channels_last)
@@ -261,8 +262,14 @@ class KnnMonitor(HookBase):
         m.train()
         t.eval_history.append({"epoch": t.epoch, "knn/top1": res["knn/top1"]})
         t.storage.put_scalar("knn/top1", res["knn/top1"], smoothing_hint=False)
+        beside = ""
+        if self.random_baseline:
+            if self.baseline is None:
+                self.baseline = run_knn(t.cfg, random_encoder(t.cfg).to(t.device), t.device, t.dtype)["knn/top1"]
+            t.storage.put_scalar("knn/top1_random_init", self.baseline, smoothing_hint=False)
+            beside = f" (random init: {self.baseline:.2f}%)"
         logger.info(f"epoch {t.epoch}: k-NN (k={res['knn/k']}, T={res['knn/temperature']}) top-1 "
-                    f"{res['knn/top1']:.2f}%")
+                    f"{res['knn/top1']:.2f}%{beside}")
 
 
 def hook_states(hooks: List[HookBase]) -> Dict:

@@ -115,7 +115,7 @@ class PretrainTrainer(TrainerBase):
         if self.model.probe is not None and cfg.DATASETS.TEST and cfg.TEST.EVAL_PERIOD > 0:
             hooks.append(ProbeEvaluator(cfg.TEST.EVAL_PERIOD, self.evaluate_probe))
         if cfg.KNN.PERIOD > 0 and cfg.DATASETS.TEST and num_classes > 0:
-            hooks.append(KnnMonitor(cfg.KNN.PERIOD))
+            hooks.append(KnnMonitor(cfg.KNN.PERIOD, cfg.TEST.RANDOM_BASELINE))
         epochs = EpochCheckpointer(cfg.SOLVER.SNAPSHOT_INTERVAL, cfg.SOLVER.SNAPSHOT_MAX_TO_KEEP)
         if cfg.SOLVER.CHECKPOINT_PERIOD > 0:
             hooks.append(IterationCheckpointer(cfg.SOLVER.CHECKPOINT_PERIOD, cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP, epochs))

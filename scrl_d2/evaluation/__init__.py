@@ -16,7 +16,7 @@ from .knn import extract_features, knn_classify, knn_top1
 from .linear_eval import Encoder, LinearEvaluator
 
 __all__ = ["Encoder", "LinearEvaluator", "knn_classify", "knn_top1", "extract_features", "encoder_from_checkpoint",
-           "find_checkpoint", "run_knn"]
+           "find_checkpoint", "run_knn", "random_encoder"]
 
 logger = logging.getLogger("scrl_d2.evaluation")
 
@@ -50,6 +50,17 @@ def encoder_from_checkpoint(cfg, path: str) -> Encoder:
     backbone.load_state_dict(enc, strict=True)
     logger.info(f"evaluating the {cfg.LINEAR_EVAL.ENCODER} encoder of {path} ({layout} layout, "
                 f"ResNet-{arch['depth']})")
+    return Encoder(backbone, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, cfg.MODEL.RESNETS.OUT_FEATURES[-1],
+                   cfg.MODEL.CHANNELS_LAST)
+
+
+def random_encoder(cfg, seed: Optional[int] = None) -> Encoder:
+    """The no-pretraining baseline: a freshly initialised encoder of the config's
+    architecture, the same for a given seed (``SEED``, else 0) whatever RNG state precedes."""
+    seed = seed if seed is not None else (cfg.SEED if cfg.SEED >= 0 else 0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        backbone = build_backbone(cfg)
     return Encoder(backbone, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, cfg.MODEL.RESNETS.OUT_FEATURES[-1],
                    cfg.MODEL.CHANNELS_LAST)
 

@@ -54,12 +54,13 @@ class Encoder(nn.Module):
 
 class LinearEvaluator:
     def __init__(self, cfg, encoder: Encoder, device: torch.device, dtype: Optional[torch.dtype],
-                 output_dir: Optional[str] = None):
+                 output_dir: Optional[str] = None, label: str = ""):
         le = cfg.LINEAR_EVAL
         if not cfg.DATASETS.TEST:
             raise InputValueError("linear evaluation needs a labelled DATASETS.TEST (e.g. imagenet_val)")
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.output_dir = output_dir or os.path.join(cfg.OUTPUT_DIR, "linear_eval")
+        self.label = label  # e.g. "random init" (TEST.RANDOM_BASELINE): named in the result line
         self.world = comm.get_world_size()
         set_datasets_root(cfg.DATASETS.ROOT)
         dicts, num_classes = get_dataset_dicts(cfg.DATASETS.TRAIN)
@@ -162,7 +163,8 @@ class LinearEvaluator:
         if comm.is_main_process():
             atomic_write(os.path.join(self.output_dir, "linear_eval.json"),
                          lambda f: f.write(json.dumps(result, indent=1)), mode="w")
-            line = (f"[Final result (linear eval.)] [{self.cfg.OUTPUT_DIR}] last: {last:.3f}%, "
+            tag = f" [{self.label}]" if self.label else ""
+            line = (f"[Final result (linear eval.)] [{self.cfg.OUTPUT_DIR}]{tag} last: {last:.3f}%, "
                     f"max: {self.best:.3f}% @{self.best_epoch}ep. ({result['protocol']['mode']}, "
                     f"{result['protocol']['train_augmentation']})")
             with open(os.path.join(self.cfg.OUTPUT_DIR, "log_result.txt"), "a") as f:
