@@ -262,3 +262,74 @@ def test_smoke_study_runs_end_to_end_resumes_and_tabulates_its_runs(tmp_path, re
     r = _transfer("--study", "smoke", "--output-dir", out, env=env, check=False)
     assert r.returncode == 2 and "with another design (trials differ)" in r.stderr
     remove_unless_failed(request, tmp_path)
+
+
+# ---------------------------------------------------------------------------- pieces
+_CHILD = """
+import signal, sys, time
+def stop(signum, frame):
+    open(sys.argv[1], "w").write(signal.Signals(signum).name)
+    sys.exit(75)  # as a trainer does: checkpoint, exit 75
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGUSR1, stop)
+open(sys.argv[1] + ".ready", "w").close()
+time.sleep(60)
+sys.exit(0)
+"""
+
+_PARENT = """
+import sys
+from scrl_d2.detection.transfer import Interrupted, call_forwarding_signals
+try:
+    rc = call_forwarding_signals([sys.executable, "-c", sys.argv[1], sys.argv[2]], sys.stdout, "the child")
+    print("rc", rc)
+except Interrupted as e:
+    print("stopped:", e)
+    sys.exit(75)
+"""
+
+
+@pytest.mark.plain
+@pytest.mark.parametrize("sig,to", [(signal.SIGTERM, "parent"), (signal.SIGUSR1, "parent"), (signal.SIGTERM, "child")])
+def test_a_stop_signal_reaches_the_running_step_and_the_tool_says_so(tmp_path, sig, to):
+    """Only the tool signalled (e.g. kill PID): it passes the signal on and waits; only the
+    child signalled (it exits 75): the tool stops too, instead of counting a failure."""
+    mark = str(tmp_path / "got")
+    p = subprocess.Popen([sys.executable, "-c", _PARENT, _CHILD, mark], stdout=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    deadline = time.time() + 60
+    while not os.path.exists(mark + ".ready") and time.time() < deadline:
+        time.sleep(0.05)
+    if to == "parent":
+        os.kill(p.pid, sig)
+    else:
+        child = [int(x) for x in subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
+                                                 text=True).stdout.split()]
+        assert len(child) == 1
+        os.kill(child[0], sig)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 75 and open(mark).read() == sig.name, out
+    by = f"by {sig.name} " if to == "parent" else ""
+    assert f"stopped: interrupted {by}during the child; rerun the same command to resume" in out
+    assert _running_in_group(p.pid) == []
+
+
+@pytest.mark.plain
+def test_a_run_without_any_prediction_scores_zero_where_the_split_has_objects(tmp_path):
+    from scrl_d2.detection.study import empty_prediction_metrics, predictions_empty
+
+    run = tmp_path / "run"
+    (run / "inference").mkdir(parents=True)
+    assert not predictions_empty(str(run))
+    (run / "inference" / "coco_instances_results.json").write_text("[]")
+    assert predictions_empty(str(run))
+    (run / "inference" / "coco_instances_results.json").write_text('[{"image_id": 1}]')
+    assert not predictions_empty(str(run))
+    nan = float("nan")
+    res = {m: nan for m in ("bbox/AP", "bbox/AP50", "bbox/AP75", "bbox/APs", "bbox/APm", "bbox/APl")}
+    out = empty_prediction_metrics([100.0, 2000.0], res)  # a small and a medium object, no large one
+    assert {k: v for k, v in out.items() if not math.isnan(v)} == {"bbox/AP": 0.0, "bbox/AP50": 0.0,
+                                                                    "bbox/AP75": 0.0, "bbox/APs": 0.0,
+                                                                    "bbox/APm": 0.0}
+    assert math.isnan(out["bbox/APl"])
+    assert empty_prediction_metrics([100.0], dict(res, **{"bbox/AP": 3.0})).get("bbox/AP") is None  # kept

@@ -9,7 +9,7 @@ tabulate the results (mean ± std over trials) beside the published numbers.
     python tools/transfer.py ... --launcher slurm --slurm-args "--nodes 1 --partition learnlab"
     python tools/transfer.py --output-dir output/transfer --table-only ...   # tabulate what is done
     python tools/transfer.py --preset demo                  # CPU, generated data, minutes
-    python tools/transfer.py --study small                  # the small-scale study (CPU, ~75 min)
+    python tools/transfer.py --study small                  # the small-scale study (CPU, ~70 min)
 
 Checkpoints: ours, the official release's, torchvision's (converted once to Detectron2's
 .pkl under OUTPUT/weights/), or a Detectron2 .pkl (used as is); ``random`` = no pretraining.
@@ -17,9 +17,11 @@ A rerun skips complete runs and resumes the others. Extra KEY VALUE pairs after 
 override every run's config. Exit status: 0 all complete, 1 some run failed, 2 bad input.
 """
 import argparse
+import contextlib
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -55,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--table-only", action="store_true", help="write the table of what is complete; run nothing")
     p.add_argument("--preset", choices=["demo"], help="demo: random vs BYOL vs SCRL demo checkpoints on CPU")
     p.add_argument("--study", metavar="NAME", help="run a study (random init vs BYOL vs SCRL, pretraining "
-                   "included, paired trials, 95%% intervals): 'small' (CPU, ~75 min) or 'smoke' (its miniature); "
+                   "included, paired trials, 95%% intervals): 'small' (CPU, ~70 min) or 'smoke' (its miniature); "
                    "default --output-dir output/study_NAME")
     p.add_argument("--list", action="store_true", help="list the protocols and exit")
     p.add_argument("opts", nargs="*", help="KEY VALUE config overrides for every run (after --)")
@@ -112,6 +114,24 @@ def pretrain_demo(out: str) -> dict:
     return ckpts
 
 
+@contextlib.contextmanager
+def stop_signals_interrupt(step: str):
+    """A stop signal during an in-process step raises :class:`Interrupted` (one line, exit 75;
+    every step's output is atomic, so a rerun resumes). Subprocess steps install their own
+    handlers (``call_forwarding_signals``) and restore these."""
+    from scrl_d2.engine.preemption import STOP_SIGNALS
+
+    def stop(signum, frame):
+        raise Interrupted(signum, step)
+
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def run_study(args) -> None:
     from scrl_d2.detection import use_detectron2
     from scrl_d2.detection.study import Study, StudyStepFailed, get_study
@@ -129,7 +149,10 @@ def run_study(args) -> None:
                                   "(its design is fixed; see scrl_d2/detection/study.py)")
         study = Study(get_study(args.study), args.output_dir or os.path.join("output", f"study_{args.study}"))
         study.check_design()
-        failed = [] if args.table_only else study.run()
+        with stop_signals_interrupt("the study's in-process steps (scenes, probes)"):
+            failed = [] if args.table_only else study.run()
+        with stop_signals_interrupt("the report"):
+            md = write_report(study.collect(), study.output_dir, "detectron2" if use_detectron2() else "torchvision")
     except Interrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
@@ -141,7 +164,6 @@ def run_study(args) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    md = write_report(study.collect(), study.output_dir, "detectron2" if use_detectron2() else "torchvision")
     print("\n" + md)
     print(f"written to {os.path.join(study.output_dir, 'table.md')} (and .csv, .json, figure.png)")
     if failed:

@@ -1,6 +1,6 @@
 """The small-scale study: does pretraining with this code transfer, and does SCRL beat BYOL?
 
-    python tools/transfer.py --study small      # about 75 minutes on 2 CPU cores; resumable
+    python tools/transfer.py --study small      # 69 minutes on a quiet 2-core machine; resumable
 
 One design per row of ``STUDIES`` (fixed before any result was seen; ``smoke`` is its
 miniature, for CI). For a design:

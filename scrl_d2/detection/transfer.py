@@ -277,40 +277,49 @@ class TransferSuite:
 
 
 class Interrupted(Exception):
-    """The tool got a stop signal (SIGTERM / SIGUSR1 / SIGUSR2), passed it to the run it was
-    waiting for and waited until that run stopped (with its checkpoint): rerun to resume."""
+    """The tool or the run it waited for got a stop signal (SIGTERM / SIGUSR1 / SIGUSR2); the
+    run stopped with its checkpoint (exit 75) or before starting: rerun to resume."""
 
-    def __init__(self, signum: int, step: str):
-        super().__init__(f"interrupted by {signal.Signals(signum).name} during {step}; rerun the same command to "
-                         "resume")
+    def __init__(self, signum: Optional[int], step: str):
+        by = f"by {signal.Signals(signum).name} " if signum else ""
+        super().__init__(f"interrupted {by}during {step}; rerun the same command to resume")
         self.signum = signum
 
 
 def call_forwarding_signals(cmd: Sequence[str], log, step: str = "") -> int:
     """Run ``cmd`` (stdout and stderr to ``log``) and wait for it. A stop signal to this
-    process is passed on to the child, which checkpoints and exits; then :class:`Interrupted`
-    is raised. A child only ever outlives its parent's wait if it is killed (SIGKILL), so a
-    rerun never races a still-running trainer in the same folder."""
+    process is passed on to the child, which checkpoints and exits; then, as when the child
+    itself stopped on a signal (exit 75), :class:`Interrupted` is raised. The handlers are in
+    place before the child starts and the child is always waited for, so a rerun never races
+    a trainer still running in the same folder (only SIGKILL can orphan it)."""
+    from ..engine.defaults import EXIT_INTERRUPTED
     from ..engine.preemption import STOP_SIGNALS
 
-    proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT)
     got: List[int] = []
+    proc: Optional[subprocess.Popen] = None
 
     def forward(signum, frame):
         got.append(signum)
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.send_signal(signum)  # a signal to the whole process group reaches the child twice: harmless
 
     previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
-        rc = proc.wait()
+        if not got:
+            proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT)
+            if got:  # arrived while it started
+                proc.send_signal(got[0])
+            rc = proc.wait()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        if proc.poll() is None:  # left by an exception (e.g. KeyboardInterrupt): do not orphan it
+        if proc is not None and proc.poll() is None:  # left by an exception (e.g. KeyboardInterrupt): not orphaned
             proc.wait()
+    step = step or shlex.join(cmd[:4])
     if got:
-        raise Interrupted(got[0], step or shlex.join(cmd[:4]))
+        raise Interrupted(got[0], step)
+    if rc == EXIT_INTERRUPTED:  # the child alone was signalled (e.g. a scheduler's signal to it)
+        raise Interrupted(None, step)
     return rc
 
 
