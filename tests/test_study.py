@@ -165,6 +165,14 @@ def test_bad_study_arguments_get_one_line_and_status_2(tmp_path, args, needle):
 
 
 # ---------------------------------------------------------------------------- end to end
+def _stat_fields(pid):
+    """state, ppid, pgrp, ... of /proc/PID/stat (None if gone)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def _running_in_group(pgid):
     """Processes of process group ``pgid`` that are not zombies (a sandbox's PID 1 may not
     reap the orphans it inherits; a zombie runs nothing)."""
@@ -303,8 +311,8 @@ def test_a_stop_signal_reaches_the_running_step_and_the_tool_says_so(tmp_path, s
     if to == "parent":
         os.kill(p.pid, sig)
     else:
-        child = [int(x) for x in subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
-                                                 text=True).stdout.split()]
+        child = [int(pid) for pid in filter(str.isdigit, os.listdir("/proc"))
+                 if _stat_fields(pid) and int(_stat_fields(pid)[1]) == p.pid]
         assert len(child) == 1
         os.kill(child[0], sig)
     out, _ = p.communicate(timeout=60)

@@ -311,10 +311,10 @@ def call_forwarding_signals(cmd: Sequence[str], log, step: str = "") -> int:
                 proc.send_signal(got[0])
             rc = proc.wait()
     finally:
+        if proc is not None and proc.poll() is None:  # left by an exception (e.g. KeyboardInterrupt): not orphaned
+            proc.wait()  # (stop signals meanwhile still reach it through ``forward``)
         for s, h in previous.items():
             signal.signal(s, h)
-        if proc is not None and proc.poll() is None:  # left by an exception (e.g. KeyboardInterrupt): not orphaned
-            proc.wait()
     step = step or shlex.join(cmd[:4])
     if got:
         raise Interrupted(got[0], step)
