@@ -24,6 +24,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -303,7 +304,8 @@ def call_forwarding_signals(cmd: Sequence[str], log, step: str = "") -> int:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signum)  # a signal to the whole process group reaches the child twice: harmless
 
-    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    main = threading.current_thread() is threading.main_thread()  # only there can handlers be installed
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS} if main else {}
     try:
         if not got:
             proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT)
