@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ..checkpoint import atomic_write
 from .study import ARMS, METRICS, PAIRS
-from .transfer import _nan_to_none
+from .transfer import _nan_to_none, mean_std
 
 __all__ = ["t_interval", "summarize", "write_report"]
 
@@ -33,10 +33,9 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> Dict[str, float]
     nan = float("nan")
     if n == 0 or any(v is None or not math.isfinite(v) for v in values):
         return {"mean": nan, "std": nan, "lo": nan, "hi": nan, "n": n}
-    mean = sum(values) / n
+    mean, std = mean_std(values)
     if n < 2:
         return {"mean": mean, "std": nan, "lo": nan, "hi": nan, "n": n}
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
     return {"mean": mean, "std": std, "lo": mean - half, "hi": mean + half, "n": n}
 
