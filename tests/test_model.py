@@ -5,7 +5,8 @@ import torch
 import torchvision
 
 from conftest import tiny_cfg
-from scrl_d2.modeling import ResNet, build_model, symmetric_loss, torchvision_to_d2
+from scrl_d2.checkpoint import torchvision_to_d2
+from scrl_d2.modeling import ResNet, build_model, symmetric_loss
 from scrl_d2.modeling.meta_arch.byol import regression_loss
 from scrl_d2.solver import LARS, build_lr_scheduler, build_momentum_scheduler, build_optimizer, split_norm_and_bias
 

@@ -160,7 +160,8 @@ def test_interruption_between_checkpoint_and_evaluation_keeps_the_record(tmp_pat
 
 
 def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(tmp_path, image_folder, monkeypatch):
-    from scrl_d2.checkpoint import CheckpointWriteError, io
+    from scrl_d2.checkpoint import io
+    from scrl_d2.utils.fs import WriteError
     from scrl_d2.engine import PretrainTrainer
 
     out = str(tmp_path / "full")
@@ -175,7 +176,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(tmp_path, imag
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
 
     monkeypatch.setattr(io.torch, "save", full)
-    with pytest.raises(CheckpointWriteError) as e:
+    with pytest.raises(WriteError) as e:
         trainer.save_checkpoint("checkpoint_2")
     msg = str(e.value)
     assert os.path.join(out, "checkpoint_2.pth") in msg and "free in" in msg and "needed" in msg

@@ -4,7 +4,7 @@ import torchvision
 
 from conftest import tiny_cfg
 from scrl_d2.engine import PretrainTrainer
-from scrl_d2.modeling import torchvision_to_d2
+from scrl_d2.checkpoint import torchvision_to_d2
 
 
 def test_model_weights_initialise_the_online_encoder(tmp_path, image_folder):

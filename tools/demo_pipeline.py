@@ -11,11 +11,11 @@ import argparse
 import os
 from argparse import Namespace
 
-from scrl_d2.checkpoint import atomic_write
+from scrl_d2.utils.fs import atomic_write, finite_json
 from scrl_d2.checkpoint.convert import convert_checkpoint
 from scrl_d2.config import config_from_args
 from scrl_d2.detection import run_finetune
-from scrl_d2.detection.coco_eval import print_results, results_json
+from scrl_d2.detection.coco_eval import print_results
 from scrl_d2.engine import PretrainTrainer, default_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +55,7 @@ def main() -> None:
     fin = _cfg(os.path.join(ROOT, "configs", "demo", det),
                ["OUTPUT_DIR", os.path.join(out, "finetune"), "MODEL.WEIGHTS", weights] + list(args.opts))
     results = run_finetune(fin)
-    atomic_write(os.path.join(out, "results.json"), lambda f: f.write(results_json(results)), mode="w")
+    atomic_write(os.path.join(out, "results.json"), lambda f: f.write(finite_json(results)), mode="w")
     print(f"\n{args.arch} pretraining ({args.pretrain_iters} iterations) -> {'Mask' if args.mask else 'Faster'} "
           f"R-CNN ({fin.SOLVER.MAX_ITER} iterations) on the synthetic detection data, COCO AP:")
     print_results(results)

@@ -17,49 +17,22 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import warnings
 import zipfile
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from fvcore.common.checkpoint import Checkpointer as _FvCheckpointer
 
 from ..utils.errors import InputFileNotFoundError, InputValueError
+from ..utils.fs import atomic_write, remove_stale_temporaries
 
-__all__ = ["atomic_write", "atomic_torch_save", "load_checkpoint_file", "load_pickle_file", "load_weights_file",
-           "Checkpointer", "SafeLoading", "list_epoch_checkpoints", "has_run_checkpoint", "CheckpointWriteError",
-           "UnsafeCheckpointError", "UNSAFE_LOAD_ENV", "unsafe_load_allowed", "remove_stale_temporaries",
+__all__ = ["atomic_torch_save", "load_checkpoint_file", "load_pickle_file", "load_weights_file",
+           "Checkpointer", "SafeLoading", "list_epoch_checkpoints", "has_run_checkpoint",
+           "UnsafeCheckpointError", "UNSAFE_LOAD_ENV", "unsafe_load_allowed",
            "prune_epoch_checkpoints"]
 
 logger = logging.getLogger("scrl_d2.checkpoint")
-_TMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_write's temporary names
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint (or any file written atomically) that could not be written: full disk,
-    quota, permissions. Names the file, the free space and the size needed; the previous
-    file of that name is intact."""
-
-
-def _umask() -> int:
-    """The process's umask now, read without changing it where Linux reports it (setting
-    and restoring it would race with other threads creating files)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _file_mode() -> int:
-    """What ``open()`` would give a new file now (the umask may change during a run)."""
-    return 0o666 & ~_umask()
 
 
 def _nbytes(obj: Any) -> int:
@@ -71,35 +44,6 @@ def _nbytes(obj: Any) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(_nbytes(v) for v in obj)
     return getattr(obj, "nbytes", 0) if hasattr(obj, "dtype") else 0
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 28 else f"{n / 2 ** 20:.1f} MiB"
-
-
-def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb", size_hint: int = 0) -> None:
-    """Call ``write(f)`` on a temporary file, fsync it, then rename it to ``path`` (with
-    the mode the umask gives new files). A failed write raises :class:`CheckpointWriteError`
-    naming the file, the free space and ``size_hint``; the temporary file is removed."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())  # mkstemp makes 0600: teammates must read checkpoints
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, CheckpointWriteError):
-            free = shutil.disk_usage(directory).free
-            need = f", about {_gib(size_hint)} needed" if size_hint else ""
-            raise CheckpointWriteError(f"cannot write {path}: {e} ({_gib(free)} free in {directory}{need}); "
-                                       "the previous file of that name, if any, is intact") from e
-        raise
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -119,19 +63,6 @@ def prune_epoch_checkpoints(directory: str, keep_last: int, keep: Sequence[str] 
     for f in gone:
         os.remove(f)
     return gone
-
-
-def remove_stale_temporaries(directory: str) -> List[str]:
-    """Delete the temporary files of writes that a kill interrupted; returns their names."""
-    if not os.path.isdir(directory):
-        return []
-    stale = [f for f in os.listdir(directory) if _TMP_RE.match(f)]
-    for f in stale:
-        try:
-            os.remove(os.path.join(directory, f))
-        except OSError:
-            pass
-    return stale
 
 
 UNSAFE_LOAD_ENV = "SCRL_D2_UNSAFE_LOAD"

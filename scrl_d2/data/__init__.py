@@ -1,3 +1,4 @@
+from . import builtin  # noqa: F401  (registers the built-in datasets)
 from .augment import TwoViewAugmentation, ViewAugmentation
 from .boxes import BoxPairGenerator, box_iou, view_to_original
 from .build import build_eval_loader, build_pretrain_loader, get_dataset_dicts

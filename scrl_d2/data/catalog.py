@@ -134,29 +134,3 @@ def register_image_folder(name: str, root: str, labeled: bool = True) -> None:
     """Register a folder by name: class sub-folders when ``labeled``, else any images."""
     fn = class_folder_dicts if labeled else image_folder_dicts
     DatasetCatalog.register(name, lambda: fn(root, name))
-
-
-def _register_builtin() -> None:
-    def under_root(kind: str, rel: str, name: str) -> Callable[[], List[dict]]:
-        fn = class_folder_dicts if kind == "classes" else image_folder_dicts
-        return lambda: fn(os.path.join(get_datasets_root(), rel), name)
-
-    for name, kind, rel in [
-        ("imagenet_train", "classes", "imagenet/train"),
-        ("imagenet_val", "classes", "imagenet/val"),
-        ("coco_2017_train_images", "images", "coco/train2017"),
-        ("coco_2017_unlabeled_images", "images", "coco/unlabeled2017"),
-    ]:
-        DatasetCatalog.register(name, under_root(kind, rel, name))
-
-    from .demo import demo_dicts
-
-    for split in ("train", "val"):
-        DatasetCatalog.register(f"scrl_demo_{split}", lambda s=split: demo_dicts(s))
-
-    from .scenes import register_scene_sets
-
-    register_scene_sets()
-
-
-_register_builtin()

@@ -9,19 +9,18 @@ the demo exercises the real file-reading path.
 """
 import colorsys
 import os
-import shutil
-import tempfile
-from typing import Callable, List
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..utils.fs import generate_once
 from . import catalog
+from .render import SHAPES, background, draw_shape
 
-__all__ = ["DEMO_CLASSES", "DEMO_SPLITS", "demo_root", "ensure_demo_images", "demo_dicts", "render_demo_image",
+__all__ = ["DEMO_CLASSES", "DEMO_SPLITS", "demo_root", "ensure_demo_images", "render_demo_image",
            "write_synthetic_jpegs"]
 
-DEMO_CLASSES = ("disc", "square", "triangle", "cross")
+DEMO_CLASSES = SHAPES  # a demo class is the shape of its scene's objects
 DEMO_SPLITS = {"train": (512, 1), "val": (128, 2)}  # images, seed
 _VERSION = "3"
 
@@ -30,39 +29,13 @@ def demo_root() -> str:
     return os.path.join(catalog.get_datasets_root(), "scrl_demo")
 
 
-def _background(rng: np.random.Generator, h: int, w: int, angle: float = -1.0) -> Image.Image:
-    coarse = rng.uniform(0, 255, size=(4, 4, 3)).astype(np.uint8)
-    bg = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
-    arr = np.asarray(bg, dtype=np.float32)
-    yy, xx = np.mgrid[0:h, 0:w]
-    freq = rng.uniform(0.05, 0.3)
-    angle = angle if angle >= 0 else rng.uniform(0, np.pi)
-    stripes = np.sin(freq * (xx * np.cos(angle) + yy * np.sin(angle)))[..., None]
-    arr = 0.5 * arr + 0.5 * arr.mean(axis=2, keepdims=True)  # muted backgrounds, colourful objects
-    arr = arr * 0.8 + 25 * stripes + rng.normal(0, 6, size=arr.shape)
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, color, outline) -> None:
-    if kind == "disc":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color, outline=outline, width=2)
-    elif kind == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color, outline=outline, width=2)
-    elif kind == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color, outline=outline)
-    else:
-        t = r / 3
-        draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=color)
-        draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=color)
-
-
 def render_demo_image(rng: np.random.Generator) -> "tuple[Image.Image, int]":
     """One image and its label. A class is a kind of scene: its objects' shape and the
     orientation of its background's texture (with random colours, sizes, positions)."""
     w, h = int(rng.integers(96, 176)), int(rng.integers(96, 160))
     label = int(rng.integers(len(DEMO_CLASSES)))
     angle = (label + rng.uniform(-0.2, 0.2)) * np.pi / len(DEMO_CLASSES) % np.pi
-    img = _background(rng, h, w, angle)
+    img = background(rng, h, w, angle)
     draw = ImageDraw.Draw(img)
     n = int(rng.integers(1, 4))
     radii = sorted(rng.uniform(0.12, 0.3, size=n) * min(w, h), reverse=True)
@@ -74,33 +47,9 @@ def render_demo_image(rng: np.random.Generator) -> "tuple[Image.Image, int]":
         hue = (label / len(DEMO_CLASSES) + rng.uniform(0.0, 0.12)) % 1.0
         color = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)))
         outline = tuple(max(0, c - 60) for c in color)
-        _draw_shape(draw, kind, cx, cy, r, color, outline)
+        draw_shape(draw, kind, cx, cy, r, color, outline)
     img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.0, 0.8))))
     return img, label
-
-
-def generate_once(root: str, version: str, fill: Callable[[str], None]) -> str:
-    """Run ``fill(tmp_dir)`` once and move the result to ``root`` atomically: readers see
-    a finished folder or none, and concurrent processes do not collide."""
-    marker = os.path.join(root, f".complete-v{version}")
-    if os.path.exists(marker):
-        return root
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}-", dir=parent)
-    try:
-        fill(tmp)
-        open(os.path.join(tmp, f".complete-v{version}"), "w").close()
-        if os.path.exists(root):
-            shutil.rmtree(root, ignore_errors=True)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not os.path.exists(marker):  # not another process finishing first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
 
 
 def ensure_demo_images(root: str = "") -> str:
@@ -115,11 +64,6 @@ def ensure_demo_images(root: str = "") -> str:
                 img.save(os.path.join(tmp, split, DEMO_CLASSES[label], f"{i:05d}.jpg"), quality=90)
 
     return generate_once(root or demo_root(), _VERSION, fill)
-
-
-def demo_dicts(split: str) -> List[dict]:
-    root = ensure_demo_images()
-    return catalog.class_folder_dicts(os.path.join(root, split), f"scrl_demo_{split}")
 
 
 def _write_jpeg_chunk(args) -> None:

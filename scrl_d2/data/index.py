@@ -54,13 +54,13 @@ def _load(path: str, key: str, signature: List) -> Optional[dict]:
 
 
 def _save(path: str, key: str, signature: List, index: dict) -> None:
-    from ..checkpoint import CheckpointWriteError, atomic_write
+    from ..utils.fs import WriteError, atomic_write
 
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write(path, lambda f: json.dump({"format": _FORMAT, "key": key, "signature": signature,
                                                 "index": index}, f), mode="w")
-    except (OSError, CheckpointWriteError) as e:
+    except (OSError, WriteError) as e:
         logger.warning(f"cannot cache the dataset index at {path}: {e}")
 
 

@@ -24,10 +24,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from . import catalog
-from .demo import _background, generate_once
+from .render import background
+from ..utils.fs import generate_once
 
 __all__ = ["SCENE_CLASSES", "SceneSet", "SCENE_SETS", "scene_root", "ensure_scene_set", "render_scene",
-           "scene_polygon", "register_scene_sets"]
+           "scene_polygon"]
 
 SCENE_CLASSES = ("disc", "square", "triangle", "cross", "star", "hexagon")
 _VERSION = "1"
@@ -101,7 +102,7 @@ def render_scene(rng: np.random.Generator) -> Tuple[Image.Image, List[Dict]]:
     """One scene and its objects: ``{"label", "box" (x0, y0, x1, y1 of the visible pixels,
     exclusive ends), "area" (visible pixels), "mask" (visible, bool HxW)}``, in drawing order."""
     w, h = int(rng.integers(*IMAGE_W)), int(rng.integers(*IMAGE_H))
-    img = _background(rng, h, w)
+    img = background(rng, h, w)
     draw = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(*CLUTTER))):  # clutter: strokes and arcs of no class, under the objects
         color = tuple(int(c) for c in rng.integers(0, 256, size=3))
@@ -190,18 +191,3 @@ def ensure_scene_set(name: str, root: str = "") -> str:
             _write_split(tmp, split, count, seed)
 
     return generate_once(root or scene_root(name), _VERSION, fill)
-
-
-def register_scene_sets() -> None:
-    """``scrl_scenes_<set>_pretrain`` (unlabelled) and ``scrl_scenes_<set>_cls_{train,val}``
-    in the pretraining catalog; the detection splits are in ``detection/datasets.py``."""
-    for name in SCENE_SETS:
-        catalog.DatasetCatalog.register(
-            f"scrl_scenes_{name}_pretrain",
-            lambda n=name: catalog.image_folder_dicts(os.path.join(ensure_scene_set(n), "pretrain"),
-                                                      f"scrl_scenes_{n}_pretrain"))
-        for split in ("cls_train", "cls_val"):
-            catalog.DatasetCatalog.register(
-                f"scrl_scenes_{name}_{split}",
-                lambda n=name, s=split: catalog.class_folder_dicts(os.path.join(ensure_scene_set(n), s),
-                                                                   f"scrl_scenes_{n}_{s}"))

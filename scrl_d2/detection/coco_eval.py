@@ -5,7 +5,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import os
 from typing import Dict, List
 
@@ -14,11 +13,11 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
-from ..checkpoint import atomic_write
+from ..utils.fs import atomic_write
 from ..utils import comm
 from ..utils.errors import InputValueError
 
-__all__ = ["predictions_to_coco", "evaluate_predictions", "print_results", "results_json", "METRICS"]
+__all__ = ["predictions_to_coco", "evaluate_predictions", "print_results", "METRICS"]
 
 logger = logging.getLogger("scrl_d2.detection")
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
@@ -91,20 +90,6 @@ def evaluate_predictions(coco_gt, results: List[Dict], iou_types: List[str], cla
             stats[f"AP-{name}"] = float(np.mean(p) * 100) if p.size else float("nan")
         out[iou_type] = stats
     return out
-
-
-def results_json(results: Dict) -> str:
-    """``results.json`` text that strict JSON parsers accept: a metric that is undefined
-    (NaN, e.g. APl with no large objects) is written as ``null``."""
-
-    def clean(v):
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        return v
-
-    return json.dumps(clean(results), indent=1, allow_nan=False)
 
 
 def print_results(results: Dict) -> None:

@@ -16,7 +16,9 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import SafeLoading, atomic_torch_save, atomic_write
+from ..checkpoint import SafeLoading, atomic_torch_save
+
+from ..utils.fs import atomic_write, finite_json
 from ..engine.defaults import TrainingDiverged
 from ..engine.preemption import StopSignals, TrainingInterrupted
 from ..engine.rng import rng_state, set_rng_state
@@ -24,7 +26,6 @@ from ..modeling.layers import cpu_capable_sync_bn
 from ..utils import comm
 from ..utils.errors import InputFileNotFoundError, InputValueError
 from ..utils.events import history_state, restore_history
-from .coco_eval import results_json
 from .sampler import SeededItems, TrainingBatches, ignore_stop_signals
 
 __all__ = ["run_detectron2", "build_train_loader"]
@@ -397,5 +398,5 @@ def run_detectron2(cfg, resume: bool, eval_only: bool) -> Dict:
         results = getattr(trainer, "_last_eval_results", None)  # set by its final evaluation hook
     results = {k: dict(v) for k, v in (results or {}).items()}
     if comm.is_main_process() and results:
-        atomic_write(os.path.join(cfg.OUTPUT_DIR, "results.json"), lambda f: f.write(results_json(results)), mode="w")
+        atomic_write(os.path.join(cfg.OUTPUT_DIR, "results.json"), lambda f: f.write(finite_json(results)), mode="w")
     return results

@@ -23,9 +23,9 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..data.demo import generate_once
+from ..utils.fs import generate_once
 from ..utils.errors import InputValueError
-from .synthetic import _render
+from ..data.render import render_shapes_scene
 from .voc import VOC_CLASSES
 
 __all__ = ["FORMATS", "make_miniature", "COCO_PERSON_KEYPOINTS", "VOC_CLASSES"]
@@ -48,7 +48,7 @@ def _scenes(split: str) -> List[Tuple[Image.Image, Dict, List[Dict]]]:
     rng = np.random.default_rng(seed)
     out, n_anns = [], 0
     for i in range(count):
-        img, info, anns = _render(rng, i + 1, n_anns + 1)
+        img, info, anns = render_shapes_scene(rng, i + 1, n_anns + 1)
         n_anns += len(anns)
         out.append((img, info, anns))
     return out

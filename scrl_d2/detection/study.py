@@ -29,7 +29,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Tuple
 
-from ..checkpoint import atomic_write
+from ..utils.fs import atomic_write
 from ..utils.errors import InputKeyError, InputValueError
 from .protocols import CONFIGS_DIR, Protocol
 from .transfer import RANDOM_INIT, TRAIN_NET, TransferSuite, call_forwarding_signals, timed, wall_time

@@ -11,15 +11,14 @@ metrics, no correction for multiple comparisons).
 """
 import csv
 import io
-import json
 import math
 import os
 import platform
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
-from ..checkpoint import atomic_write
+from ..utils.fs import atomic_write, finite_json
 from .study import ARMS, METRICS, PAIRS
-from .transfer import _nan_to_none, mean_std
+from .transfer import mean_std
 
 __all__ = ["t_interval", "summarize", "write_report"]
 
@@ -257,7 +256,7 @@ def write_report(collected: Dict, output_dir: str, backend: str, figure_path: Op
     atomic_write(os.path.join(output_dir, "table.md"), lambda f: f.write(md), mode="w")
     atomic_write(os.path.join(output_dir, "table.csv"), lambda f: f.write(_csv(report)), mode="w")
     atomic_write(os.path.join(output_dir, "table.json"),
-                 lambda f: f.write(json.dumps(_nan_to_none(report), indent=1, allow_nan=False)), mode="w")
+                 lambda f: f.write(finite_json(report)), mode="w")
     figure(report, collected, figure_path or os.path.join(output_dir, "figure.png"))
     return md
 

@@ -11,7 +11,9 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from ..checkpoint import Checkpointer, atomic_write
+from ..checkpoint import Checkpointer
+
+from ..utils.fs import atomic_write, finite_json
 from ..engine.ddp import create_ddp_model
 from ..engine.defaults import resolve_device
 from ..engine.hooks import EventWriters, HookBase, IterationCheckpointer, StepMetrics, default_writers
@@ -20,7 +22,7 @@ from ..engine.train_loop import TrainerBase
 from ..utils import comm
 from ..utils.errors import InputValueError
 from .coco_data import build_detection_dataset, collate
-from .coco_eval import evaluate_predictions, predictions_to_coco, results_json
+from .coco_eval import evaluate_predictions, predictions_to_coco
 from .sampler import SeededItems, TrainingBatches, ignore_stop_signals
 from .torchvision_model import build_torchvision_detector, load_detector_weights
 
@@ -338,5 +340,5 @@ class TorchvisionDetectionTrainer(TrainerBase):
             model.train()
         flat = all_results[cfg.DATASETS.TEST[0]] if len(cfg.DATASETS.TEST) == 1 else all_results
         if comm.is_main_process() and flat and tag in ("final", "eval-only"):
-            atomic_write(os.path.join(cfg.OUTPUT_DIR, "results.json"), lambda f: f.write(results_json(flat)), mode="w")
+            atomic_write(os.path.join(cfg.OUTPUT_DIR, "results.json"), lambda f: f.write(finite_json(flat)), mode="w")
         return flat

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..checkpoint import atomic_write
+from ..utils.fs import atomic_write, finite_json
 from ..utils.errors import InputFileNotFoundError, InputValueError
 from .protocols import Protocol, miniature_overrides
 
@@ -234,7 +234,7 @@ class TransferSuite:
         atomic_write(os.path.join(self.output_dir, "table.md"), lambda f: f.write(md), mode="w")
         atomic_write(os.path.join(self.output_dir, "table.csv"), lambda f: f.write(self._csv(rows)), mode="w")
         atomic_write(os.path.join(self.output_dir, "table.json"),
-                     lambda f: f.write(json.dumps(_nan_to_none(rows), indent=1, allow_nan=False)), mode="w")
+                     lambda f: f.write(finite_json(rows)), mode="w")
         return md
 
     @staticmethod
@@ -351,13 +351,3 @@ def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return ""
     return f"{v:.4f}"
-
-
-def _nan_to_none(v):
-    if isinstance(v, dict):
-        return {k: _nan_to_none(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_nan_to_none(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v

@@ -12,7 +12,9 @@ import numpy as np
 import torch
 import yaml
 
-from ..checkpoint import UNSAFE_LOAD_ENV, atomic_write, has_run_checkpoint
+from ..checkpoint import UNSAFE_LOAD_ENV, has_run_checkpoint
+
+from ..utils.fs import atomic_write
 from ..utils import comm
 from ..utils.errors import InputValueError, bad_input_cause
 from ..utils.logger import setup_logger
@@ -76,7 +78,7 @@ def _exit_code(e: BaseException) -> Optional[int]:
     such: ``scrl_d2.utils.errors.BadInput``, or an error raised from one), 3 divergence,
     4 a lost peer process, 75 stopped on a signal with a checkpoint, 1 an unwritable
     checkpoint; None for anything else (a bug: its traceback must be seen)."""
-    from ..checkpoint import CheckpointWriteError
+    from ..utils.fs import WriteError
     from .preemption import TrainingInterrupted
 
     if isinstance(e, TrainingInterrupted):
@@ -85,7 +87,7 @@ def _exit_code(e: BaseException) -> Optional[int]:
         return EXIT_PEER_LOST
     if isinstance(e, TrainingDiverged):
         return EXIT_DIVERGED
-    if isinstance(e, CheckpointWriteError):
+    if isinstance(e, WriteError):
         return EXIT_FAILED
     if bad_input_cause(e) is not None:
         return EXIT_BAD_INPUT

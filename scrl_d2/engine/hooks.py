@@ -16,7 +16,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import CheckpointWriteError, atomic_write, prune_epoch_checkpoints
+from ..checkpoint import prune_epoch_checkpoints
+from ..utils.fs import WriteError, atomic_write
 from ..utils import comm
 from ..utils.events import CommonMetricPrinter, EventWriter, HookBase, JSONWriter, TensorboardXWriter
 
@@ -239,7 +240,7 @@ class ProbeEvaluator(HookBase):
             try:
                 atomic_write(os.path.join(t.cfg.OUTPUT_DIR, "probe_eval.json"),
                              lambda f: f.write(json.dumps(history, indent=1)), mode="w")
-            except CheckpointWriteError as e:
+            except WriteError as e:
                 logger.warning(f"{e}; training goes on")
 
 

@@ -15,7 +15,7 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from ..checkpoint import CheckpointWriteError
+from ..utils.fs import WriteError
 from ..utils import comm
 from ..utils.events import EventStorage, history_state, restore_history
 from .defaults import TrainingDiverged
@@ -161,7 +161,7 @@ class TrainerBase:
                 h.flush()
         try:
             self.checkpointer.save(name, tag_last=essential, trainer=self.state_dict(), **extra)
-        except CheckpointWriteError as e:
+        except WriteError as e:
             if essential:
                 raise
             logger.warning(f"{e}; training goes on")

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import Checkpointer, atomic_write, prune_epoch_checkpoints
+from ..checkpoint import Checkpointer, prune_epoch_checkpoints
+
+from ..utils.fs import atomic_write
 from ..data import build_eval_loader, get_dataset_dicts
 from ..data.build import _loader_kwargs
 from ..data.catalog import set_datasets_root
