@@ -1,11 +1,20 @@
-"""tools/benchmark.py: every mode runs on a CPU and writes the documented JSON keys."""
+"""tools/benchmark.py (a thin script over scrl_d2.cli.benchmark and the library
+scrl_d2.benchmark): every mode runs on a CPU and writes the documented JSON keys; the
+``train`` mode's timing runs through the trainer's ``train()`` with the ThroughputTimer hook."""
 import json
 import os
+import statistics
 import subprocess
 import sys
+import types
 
 import pytest
-from conftest import ROOT
+import torch
+from conftest import ROOT, tiny_cfg
+
+from scrl_d2.benchmark import BenchmarkTrainer, bench_train, synthetic_batch
+from scrl_d2.engine import PretrainTrainer, ThroughputTimer
+from scrl_d2.engine import hooks as hooks_module
 
 BENCH = os.path.join(ROOT, "tools", "benchmark.py")
 TINY = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.BYOL.PROJECTOR_HIDDEN_DIM", "64",
@@ -67,3 +76,66 @@ def test_official_generator_path_is_checked(tmp_path):
     r = subprocess.run([sys.executable, BENCH, "boxes", "--official-scrl", str(tmp_path / "nowhere")],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and "nowhere" in r.stderr and "models/box_generator.py" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # one line, no traceback
+
+
+def test_thin_script_calls_the_library():
+    with open(BENCH) as f:
+        source = f.read()
+    assert "from scrl_d2.cli.benchmark import main" in source and len(source.splitlines()) < 40
+
+
+def test_throughput_timer_times_whole_windows_after_warmup(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(hooks_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def run(warmup, window, durations):
+        timer = ThroughputTimer(warmup, window)
+        timer.trainer = types.SimpleNamespace(device=torch.device("cpu"))
+        timer.before_train()
+        for d in durations:
+            now[0] += d
+            timer.after_step()
+        return timer
+
+    # 2 warm-up steps (not timed), windows of 3 steps, a partial window (not timed)
+    t = run(2, 3, [10, 10, 1, 2, 3, 4, 5, 6, 7, 8])
+    assert t.step_times == [2.0, 5.0] and t.timed_steps == 6 and t.total_s == 21.0 and t.peak_mem_gib is None
+    t = run(0, 1, [1, 2])  # no warm-up: timed from before_train
+    assert t.step_times == [1.0, 2.0] and t.timed_steps == 2 and t.total_s == 3.0
+
+
+def test_train_mode_times_the_trainers_own_train_loop(image_folder, monkeypatch):
+    """bench_train builds the trainer without its default hooks, registers the timer and
+    runs ``train()``: the steps the timer saw are the ones train() ran, no file written."""
+    seen = []
+    train = PretrainTrainer.train
+
+    def spy(self):
+        before, hooks = self.iter, list(self.hooks)
+        train(self)
+        seen.append({"trainer": type(self), "before": before, "after": self.iter, "max_iter": self.max_iter,
+                     "hooks": hooks, "files": os.listdir(self.cfg.OUTPUT_DIR), "output_dir": self.cfg.OUTPUT_DIR,
+                     "storage_iter": self.storage.iter})
+
+    monkeypatch.setattr(PretrainTrainer, "train", spy)
+    cfg = tiny_cfg(f"images:{image_folder}")  # 48 images, batch 8: 6 steps per epoch
+    rows = bench_train(cfg, iters=5, warmup=2, window=2)  # 2 windows of 2 steps after 2 warm-up steps
+    assert len(seen) == 1, "bench_train must run trainer.train() once"
+    run = seen[0]
+    assert run["trainer"] is BenchmarkTrainer
+    assert run["before"] == 0 and run["after"] == run["max_iter"] == run["storage_iter"] == 6
+    assert len(run["hooks"]) == 1 and isinstance(run["hooks"][0], ThroughputTimer)  # no default hooks
+    timer = run["hooks"][0]
+    assert timer.timed_steps == 4 and len(timer.step_times) == 2 and all(t > 0 for t in timer.step_times)
+    assert run["files"] == [] and not os.path.exists(run["output_dir"])  # no checkpoint / metrics; removed
+    row = rows[0]
+    assert row["mode"] == "train" and row["step_ms_median"] == statistics.median(timer.step_times) * 1e3
+    assert row["img_per_s"] == 4 * 8 / timer.total_s
+
+
+def test_synthetic_batch_is_a_loader_batch():
+    cfg = tiny_cfg("images:/nowhere")
+    b = synthetic_batch(cfg, torch.device("cpu"))
+    assert b["view1"].shape == (8, 3, 64, 64) and b["view1"].dtype == torch.uint8
+    assert b["boxes1"].shape[:2] == b["box_valid"].shape and b["pair_index"].numel() == int(b["box_valid"].sum())

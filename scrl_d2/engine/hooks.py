@@ -11,18 +11,20 @@ import math
 import os
 import re
 import sys
+import time
 from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from ..checkpoint import prune_epoch_checkpoints
+
 from ..utils.fs import WriteError, atomic_write
 from ..utils import comm
 from ..utils.events import CommonMetricPrinter, EventWriter, HookBase, JSONWriter, TensorboardXWriter
 
 __all__ = ["HookBase", "StepMetrics", "EventWriters", "EpochCheckpointer", "IterationCheckpointer",
-           "ProbeEvaluator", "KnnMonitor", "default_writers"]
+           "ProbeEvaluator", "KnnMonitor", "ThroughputTimer", "default_writers"]
 
 logger = logging.getLogger("scrl_d2.engine")
 
@@ -271,6 +273,56 @@ class KnnMonitor(HookBase):
             beside = f" (random init: {self.baseline:.2f}%)"
         logger.info(f"epoch {t.epoch}: k-NN (k={res['knn/k']}, T={res['knn/temperature']}) top-1 "
                     f"{res['knn/top1']:.2f}%{beside}")
+
+
+class ThroughputTimer(HookBase):
+    """Wall-clock time per step for throughput figures (not Detectron2's ``IterationTimer``,
+    which times each step's ``run_step`` alone): after ``warmup`` steps, the steps run in
+    windows of ``window`` that each end with a device synchronisation, so the loader and
+    the device overlap inside a window as in training and each window's time includes
+    waiting for data. Records ``step_times`` (seconds per step, one per complete window),
+    ``timed_steps``, ``total_s`` (from the end of warm-up to the last window's end) and, on
+    a GPU, ``peak_mem_gib`` (peak allocated since the end of warm-up). Steps after the last
+    complete window are not timed. Puts nothing into the storage."""
+
+    def __init__(self, warmup: int = 0, window: int = 1):
+        self.warmup, self.window = max(0, warmup), max(1, window)
+        self.step_times: List[float] = []
+        self.timed_steps = 0
+        self.total_s = 0.0
+        self.peak_mem_gib: Optional[float] = None
+        self._steps = 0  # steps seen since before_train
+        self._t0 = self._t = 0.0
+
+    def _cuda(self) -> bool:
+        return self.trainer.device.type == "cuda"
+
+    def _start(self) -> None:
+        if self._cuda():
+            torch.cuda.synchronize(self.trainer.device)
+            torch.cuda.reset_peak_memory_stats(self.trainer.device)
+        self._t0 = self._t = time.perf_counter()
+
+    def before_train(self) -> None:
+        self._steps = 0
+        if self.warmup == 0:
+            self._start()
+
+    def after_step(self) -> None:
+        self._steps += 1
+        timed = self._steps - self.warmup
+        if timed == 0:
+            self._start()
+        if timed <= 0 or timed % self.window:
+            return
+        if self._cuda():
+            torch.cuda.synchronize(self.trainer.device)
+        now = time.perf_counter()
+        self.step_times.append((now - self._t) / self.window)
+        self.timed_steps += self.window
+        self.total_s, self._t = now - self._t0, now
+        if self._cuda():
+            self.peak_mem_gib = torch.cuda.max_memory_allocated(self.trainer.device) / 2 ** 30
 
 
 def hook_states(hooks: List[HookBase]) -> Dict:

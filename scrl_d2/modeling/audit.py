@@ -14,8 +14,9 @@ returns instead:
   projectors must equal, row by row, that map pooled in float32 with the intended RoIs
   (which decodes to the intended image wherever RoIAlign samples inside the map).
 
-Used by ``tests/test_pooling_exact.py`` at the shipped batch size and by
-``tools/benchmark.py parity`` on the GPU.
+Used by ``tests/test_pooling_exact.py`` at the shipped batch size and, through
+:func:`pooling_check` (a model built from a config), by ``tools/benchmark.py parity``
+at each speed option's dtype and memory format.
 """
 import contextlib
 from dataclasses import asdict, dataclass
@@ -25,7 +26,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import roi_align
 
-__all__ = ["PoolingAudit", "audit_pooling"]
+from .meta_arch import build_model
+
+__all__ = ["PoolingAudit", "audit_pooling", "pooling_check"]
 
 _BASE = 16  # image index = channel0 + 16 * channel1; both stay <= 255 up to 4096 views
 
@@ -156,3 +159,17 @@ def audit_pooling(model: torch.nn.Module, batch: Dict[str, torch.Tensor], dtype:
         rois_dtype=str(recorder.calls[0].dtype).replace("torch.", "") if recorder.calls else "-",
         wrong_image=wrong_image, wrong_rectangle=wrong_rect, units=n_units, units_wrong_image=units_wrong,
         units_readable=int((decoded == intended).sum()) * len(units))
+
+
+def pooling_check(cfg, batch: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor], dtype: Optional[torch.dtype],
+                  device: torch.device) -> PoolingAudit:
+    """:func:`audit_pooling` of the model ``cfg`` builds, with the weights ``state``, in
+    ``cfg``'s memory format (MODEL.CHANNELS_LAST; eager), under autocast of ``dtype`` (the
+    run's: ``scrl_d2.engine.amp_dtype(cfg, device)``; None: fp32). Every RoI must reach the
+    kernel with its intended image and rectangle, and every pooled unit come from its
+    image: a loss tolerance cannot see a misread box."""
+    model = build_model(cfg).to(device)
+    model.load_state_dict(state)
+    if cfg.MODEL.CHANNELS_LAST:
+        model.to(memory_format=torch.channels_last)
+    return audit_pooling(model, batch, dtype, device)

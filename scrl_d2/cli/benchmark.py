@@ -1,0 +1,168 @@
+"""Throughput figures for SCRL and BYOL pretraining (figures, not pass/fail).
+
+    python tools/benchmark.py train --config-file configs/scrl_pretrain.yaml     # the real loop, JPEGs from disk
+    python tools/benchmark.py model --config-file configs/scrl_pretrain.yaml     # batches already on the device
+    python tools/benchmark.py data  --config-file configs/scrl_pretrain.yaml --workers 1 4 8 16
+    python tools/benchmark.py boxes --official-scrl ~/src/scrl                   # box pairs per 256 images
+    python tools/benchmark.py parity --config-file configs/scrl_pretrain.yaml    # speed options: same loss?
+
+``train`` runs PretrainTrainer's own step (loader, transfer, forward, backward, LARS,
+EMA) on a folder of JPEGs (``--data``; by default a generated folder of 500x375 JPEGs,
+the size of an average ImageNet photograph). ``model`` feeds tensors already on the
+device. ``data`` times the loader alone (decode, two views, box pairs; with
+INPUT.AUGMENT_DEVICE device, also the device rendering). ``boxes`` times the box-pair
+generator per 256 images on one core, and the official generator when given its
+checkout. ``parity`` runs a few steps with each speed option and with the plain path
+(fp32, NCHW, eager) from the same weights and batches and compares the losses, and checks
+structurally that every box pair is pooled from its image and rectangle at that option's
+dtype (``pooling_exact``; see scrl_d2.modeling.audit).
+Figures are medians over steady-state steps after warm-up; an image is one pair of
+views. Config overrides go last (KEY VALUE ...), e.g. SOLVER.AMP.DTYPE float16
+MODEL.CHANNELS_LAST False MODEL.COMPILE.ENABLED True. ``--json FILE`` writes the
+headline row (mode, device, torch, settings, img_per_s, step_ms_median, peak_mem_gib,
+box_ms_per_256, as they apply) with every row under ``rows``.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+from typing import List
+
+import torch
+from tabulate import tabulate
+
+from scrl_d2.benchmark import (
+    PARITY_VARIANTS,
+    bench_boxes,
+    bench_data,
+    bench_index,
+    bench_model,
+    bench_parity,
+    bench_train,
+    default_parity_variants,
+    machine,
+)
+from scrl_d2.config import get_cfg
+from scrl_d2.data.demo import write_synthetic_jpegs
+from scrl_d2.engine.defaults import ArgumentParser
+
+MODES = ["train", "model", "data", "boxes", "parity", "index"]
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=MODES)
+    p.add_argument("--config-file", default="configs/scrl_pretrain.yaml")
+    p.add_argument("--archs", nargs="+", default=None, help="meta-architectures (default: the config's)")
+    p.add_argument("--batch", type=int, default=0, help="images per step (default: SOLVER.IMS_PER_GPU)")
+    p.add_argument("--workers", type=int, nargs="+", default=None,
+                   help="data mode: loader worker counts (default: 1, 2, 4 ... up to the cores)")
+    p.add_argument("--data", default="", help="a folder of images for train/data (default: generated JPEGs)")
+    p.add_argument("--num-images", type=int, default=4096, help="size of the generated JPEG folder")
+    p.add_argument("--cache-dir", default="", help="where the generated JPEG folder is kept (default: the system "
+                                                   "temporary folder, $TMPDIR)")
+    p.add_argument("--iters", type=int, default=20, help="measured steps")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--with-model", action="store_true",
+                   help="train mode: also run model mode at the same settings and report the fraction")
+    p.add_argument("--official-scrl", default="", help="boxes mode: a checkout of kakaobrain/scrl to compare with")
+    p.add_argument("--variants", nargs="+", choices=sorted(PARITY_VARIANTS), default=None,
+                   help="parity mode: options to compare with the plain path (default: all; "
+                        "without a GPU all but fp16 and compile)")
+    p.add_argument("--index-files", type=int, default=128000, help="index mode: files in the generated tree")
+    p.add_argument("--index-procs", type=int, default=8, help="index mode: processes listing at once (before)")
+    p.add_argument("--json", default="", help="write the headline row and all rows to this file")
+    p.add_argument("opts", nargs="*", help="config overrides, KEY VALUE")
+    return p
+
+
+def flat(row: dict) -> dict:
+    """A row as one table line: the settings worth a column, then the figures."""
+    s = row.get("settings", {})
+    keep = {k: v for k, v in s.items() if k in ("arch", "depth", "batch", "input", "amp", "channels_last",
+                                                  "compile", "workers", "augment_device", "generator")}
+    return {**keep, **{k: v for k, v in row.items() if k not in ("mode", "settings")}}
+
+
+def table(mode: str, rows: List[dict]) -> str:
+    if mode == "parity":
+        return tabulate([{"variant": r["settings"]["variant"], "losses": " ".join(f"{v:.5f}" for v in r["losses"]),
+                          "max_rel_diff": f"{r['max_rel_diff']:.2e}", "same_loss": r.get("same_loss", ""),
+                          "rois": r["pooling"]["rois"], "wrong_image": r["pooling"]["wrong_image"],
+                          "wrong_rect": r["pooling"]["wrong_rectangle"],
+                          "units_wrong": r["pooling"]["units_wrong_image"], "pooling_exact": r["pooling"]["ok"]}
+                         for r in rows], headers="keys", tablefmt="github")
+    return tabulate([flat(r) for r in rows], headers="keys", floatfmt=".2f", tablefmt="github")
+
+
+def summary(mode: str, rows: List[dict], env: dict, config_file: str, opts: List[str]) -> dict:
+    """What ``--json`` writes: the headline row (parity: the verdicts) with every row under ``rows``."""
+    if mode == "parity":
+        headline = {"settings": {"variants": [r["settings"]["variant"] for r in rows[1:]]},
+                    "same_loss": all(r.get("same_loss", True) for r in rows),
+                    "pooling_exact": all(r["pooling"]["ok"] for r in rows),
+                    "max_rel_diff": max(r["max_rel_diff"] for r in rows)}
+    else:
+        headline = max(rows, key=lambda r: r.get("img_per_s", 0.0)) if mode != "boxes" else rows[0]
+    return {"mode": mode, **env, **{k: v for k, v in headline.items() if k != "mode"},
+            "config": config_file, "opts": opts, "rows": [{**env, **r} for r in rows]}
+
+
+def main(argv=None) -> int:
+    p = argument_parser()
+    args = p.parse_intermixed_args(argv)
+    if args.official_scrl and not os.path.isfile(os.path.join(os.path.expanduser(args.official_scrl),
+                                                               "models", "box_generator.py")):
+        p.error(f"--official-scrl {args.official_scrl}: no models/box_generator.py there "
+                "(expected a checkout of kakaobrain/scrl)")
+
+    base = get_cfg()
+    base.merge_from_file(args.config_file)
+    base.merge_from_list(args.opts)
+    archs = args.archs or [base.MODEL.META_ARCHITECTURE]
+    if args.mode in ("train", "data"):
+        folder = args.data
+        if not folder:
+            folder = os.path.join(args.cache_dir or tempfile.gettempdir(), f"scrl_bench_jpegs_{args.num_images}")
+            print(f"JPEG folder: {folder} ({args.num_images} generated 500x375 JPEGs, written once and reused; "
+                  "--cache-dir moves it, --data uses your own images)", flush=True)
+            write_synthetic_jpegs(folder, args.num_images)
+        base.merge_from_list(["DATASETS.TRAIN", f"('images:{folder}',)"])
+    if args.batch:
+        base.merge_from_list(["SOLVER.IMS_PER_GPU", str(args.batch)])
+    if not torch.cuda.is_available():
+        base.merge_from_list(["MODEL.DEVICE", "cpu"])
+    rows = []
+    if args.mode == "index":
+        folder = os.path.join(args.cache_dir or tempfile.gettempdir(), f"scrl_bench_tree_{args.index_files}")
+        print(f"class-folder tree: {folder} ({args.index_files} empty files, written once and reused)", flush=True)
+        rows = bench_index(folder, args.index_files, args.index_procs)
+        archs = []
+    for arch in archs:
+        cfg = base.clone()
+        cfg.merge_from_list(["MODEL.META_ARCHITECTURE", arch])
+        if args.mode == "boxes":
+            rows += bench_boxes(cfg, max(args.iters, 20), args.official_scrl)
+            break
+        if args.mode == "data":
+            workers = args.workers or sorted({1, 2, 4, 8, 12, 16} & set(range(1, (os.cpu_count() or 1) + 1)))
+            rows += bench_data(cfg, workers, args.iters, args.warmup)
+        elif args.mode == "model":
+            rows += bench_model(cfg, args.iters, args.warmup)
+        elif args.mode == "parity":
+            rows += bench_parity(cfg, max(2, min(args.iters, 5)), args.variants or default_parity_variants())
+        else:
+            rows += bench_train(cfg, args.iters, args.warmup, with_model=args.with_model)
+    env = {"device": machine(), "torch": torch.__version__}
+    print(f"{args.mode}: {env['device']}; torch {env['torch']}; config {args.config_file} {' '.join(args.opts)}")
+    print(table(args.mode, rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary(args.mode, rows, env, args.config_file, args.opts), f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
