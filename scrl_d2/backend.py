@@ -42,7 +42,7 @@ def use_detectron2(quiet: bool = False) -> bool:
     if choice == "detectron2":
         if not detectron2_available():
             raise ConfigError("SCRL_D2_BACKEND=detectron2 but Detectron2 is not installed (or does not import); "
-                              "install it (see README, 'Detectron2 backend') or unset SCRL_D2_BACKEND")
+                              "install it (see docs/detectron2.md) or unset SCRL_D2_BACKEND")
         return True
     if choice != "auto":
         raise ConfigError(f"SCRL_D2_BACKEND: {choice!r} is not 'auto', 'detectron2' or 'torchvision'")

@@ -193,7 +193,7 @@ def test_detectron2_path_loader_workers_outlive_the_stop_signals(datasets_env, m
     from scrl_d2.config import config_from_args
     from scrl_d2.data.catalog import set_datasets_root
     from scrl_d2.detection.d2_finetune import _trainer_class
-    from scrl_d2.detection.datasets import check_dataset_files
+    from scrl_d2.detection.catalog import check_dataset_files
     from scrl_d2.engine.preemption import STOP_SIGNALS
 
     monkeypatch.setenv("SCRL_DATASETS", datasets_env["SCRL_DATASETS"])

@@ -59,7 +59,7 @@ DTYPE_KEY = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory, request):
-    from scrl_d2.detection.miniature import make_miniature
+    from scrl_d2.transfer.miniature import make_miniature
 
     d = tmp_path_factory.mktemp("mini_scale")
     yield make_miniature(str(d), formats=("coco", "voc"))
@@ -73,7 +73,8 @@ def torchvision_backend(monkeypatch):
 
 def family_cfg(family: str, mini: str, *opts):
     from scrl_d2.config import config_from_args
-    from scrl_d2.detection.protocols import get_protocol, miniature_overrides
+    from scrl_d2.transfer.miniature import miniature_overrides
+    from scrl_d2.transfer.protocols import get_protocol
 
     p = get_protocol(FAMILIES[family])
     return config_from_args(p.config_path, miniature_overrides(p, mini) + SMALL + list(opts))
@@ -83,7 +84,7 @@ def training_batch(cfg, n: int = 2):
     """The first ``n`` training images as the fine-tuner's loader gives them (uint8 read
     from disk by coco_data, targets in torchvision's format), scaled as its step does."""
     from scrl_d2.data.catalog import set_datasets_root
-    from scrl_d2.detection.coco_data import build_detection_dataset
+    from scrl_d2.detection.torchvision_data import build_detection_dataset
 
     set_datasets_root(cfg.DATASETS.ROOT)
     try:
@@ -624,7 +625,8 @@ def test_family_fine_tunes_with_two_processes_under_each_autocast_dtype(mini, tm
     one more iteration and evaluates again. Each run: exit 0, every head's loss in the step,
     results.json with the family's metrics, and both processes end with exactly the
     weights and buffers of model_final.pth (what the final evaluation ran on both)."""
-    from scrl_d2.detection.protocols import get_protocol, miniature_overrides
+    from scrl_d2.transfer.miniature import miniature_overrides
+    from scrl_d2.transfer.protocols import get_protocol
 
     assert torch.bfloat16 in CPU_DTYPES  # CPU autocast has had bf16 since torch 1.10
     p = get_protocol(FAMILIES[family])

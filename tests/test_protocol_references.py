@@ -1,15 +1,15 @@
 """Every shipped protocol equals the reference it names (a Detectron2 model-zoo config or one
 of MoCo's published configs), key by key over every leaf of Detectron2's get_cfg(), except
-the deltas its entry in scrl_d2/detection/protocols.py lists with their reasons."""
+the deltas its entry in scrl_d2/transfer/protocols.py lists with their reasons."""
 import os
 
 import pytest
 
 from scrl_d2.backend import detectron2_available
-from scrl_d2.detection.protocols import PROTOCOLS, get_protocol
+from scrl_d2.transfer.protocols import PROTOCOLS, get_protocol
 
 pytestmark = pytest.mark.skipif(not detectron2_available(),
-                                reason="Detectron2 is not installed (see README 'Detectron2 backend')")
+                                reason="Detectron2 is not installed (see docs/detectron2.md)")
 
 from conftest import flat_items  # noqa: E402
 from moco_configs import MOCO_CONFIGS  # noqa: E402

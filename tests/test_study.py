@@ -119,7 +119,7 @@ def test_detection_split_is_written_as_rendered(tmp_path, monkeypatch):
 def test_t_interval_is_the_student_interval_of_the_mean():
     from scipy import stats
 
-    from scrl_d2.detection.study_report import t_interval
+    from scrl_d2.transfer.study_report import t_interval
 
     values = [31.2, 29.8, 33.1, 30.4, 32.0]
     c = t_interval(values)
@@ -135,8 +135,8 @@ def test_t_interval_is_the_student_interval_of_the_mean():
 
 @pytest.mark.plain
 def test_differences_pair_trial_k_with_trial_k_over_trials_every_arm_has():
-    from scrl_d2.detection.study import METRICS
-    from scrl_d2.detection.study_report import summarize
+    from scrl_d2.transfer.study import METRICS
+    from scrl_d2.transfer.study_report import summarize
 
     def res(ap):
         return {m: ap + i for i, m in enumerate(METRICS)}
@@ -287,7 +287,7 @@ sys.exit(0)
 
 _PARENT = """
 import sys
-from scrl_d2.detection.transfer import Interrupted, call_forwarding_signals
+from scrl_d2.transfer.suite import Interrupted, call_forwarding_signals
 try:
     rc = call_forwarding_signals([sys.executable, "-c", sys.argv[1], sys.argv[2]], sys.stdout, "the child")
     print("rc", rc)
@@ -324,7 +324,7 @@ def test_a_stop_signal_reaches_the_running_step_and_the_tool_says_so(tmp_path, s
 
 @pytest.mark.plain
 def test_a_run_without_any_prediction_scores_zero_where_the_split_has_objects(tmp_path):
-    from scrl_d2.detection.study import empty_prediction_metrics, predictions_empty
+    from scrl_d2.transfer.study import empty_prediction_metrics, predictions_empty
 
     run = tmp_path / "run"
     (run / "inference").mkdir(parents=True)

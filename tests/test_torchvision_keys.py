@@ -485,7 +485,7 @@ def tiny_coco(tmp_path):
 
 
 def _dataset(name, **kw):
-    from scrl_d2.detection.coco_data import CocoDetectionDataset
+    from scrl_d2.detection.torchvision_data import CocoDetectionDataset
 
     return CocoDetectionDataset(name, train=True, with_masks=kw.pop("with_masks", False), **kw)
 
@@ -573,7 +573,7 @@ def test_keypoints_take_detectron2s_pixel_convention(tiny_coco, monkeypatch):
     if detectron2_available():  # the same numbers as Detectron2's own loader
         from detectron2.data.datasets import load_coco_json
 
-        from scrl_d2.detection.datasets import get_dataset
+        from scrl_d2.detection.catalog import get_dataset
 
         paths = get_dataset(tiny_coco).paths()
         d2 = load_coco_json(paths["json_file"], paths["image_root"], extra_annotation_keys=None)

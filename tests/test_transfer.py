@@ -13,13 +13,14 @@ import pytest
 from conftest import ROOT, remove_unless_failed
 from scrl_d2.backend import detectron2_available
 from scrl_d2.config import config_from_args
-from scrl_d2.detection.miniature import make_miniature
-from scrl_d2.detection.voc import VOC_CLASSES
-from scrl_d2.detection.protocols import CONFIGS_DIR, PROTOCOLS, get_protocol, miniature_overrides
+from scrl_d2.transfer.miniature import make_miniature
+from scrl_d2.detection.formats.voc import VOC_CLASSES
+from scrl_d2.transfer.miniature import miniature_overrides
+from scrl_d2.transfer.protocols import CONFIGS_DIR, PROTOCOLS, get_protocol
 from scrl_d2.detection.subsets import COCO_TRAIN2017_IMAGES, SEEDS, permutation, subset_indices, subset_size
 
 needs_d2 = pytest.mark.skipif(not detectron2_available(),
-                              reason="Detectron2 is not installed (see README 'Detectron2 backend')")
+                              reason="Detectron2 is not installed (see docs/detectron2.md)")
 TOOL = os.path.join(ROOT, "tools", "transfer.py")
 # a few iterations, no precise BN: each protocol's run is seconds
 SHORT = ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "1", "TEST.PRECISE_BN.ENABLED",
@@ -50,7 +51,7 @@ def test_every_protocol_config_exists_and_publishes_only_its_metrics():
 
 
 def test_readme_guide_lists_every_protocol_with_its_config():
-    text = open(os.path.join(ROOT, "README.md")).read()
+    text = open(os.path.join(ROOT, "docs", "transfer.md")).read()  # the transfer suite's guide (README links it)
     for p in PROTOCOLS.values():
         assert f"| `{p.name}` | `{p.config}` | {p.trials} |" in text, p.name
 
@@ -104,7 +105,7 @@ def test_coco_subsets_are_shipped_nested_and_reproducible():
 
 # ---------------------------------------------------------------------------- VOC metric
 def _voc_gt(mini, year="2007", split="test"):
-    from scrl_d2.detection.voc import _parse, read_voc_split
+    from scrl_d2.detection.formats.voc import _parse, read_voc_split
 
     d = os.path.join(mini, f"VOC{year}")
     return d, {fid: _parse(os.path.join(d, "Annotations", fid + ".xml"))[1] for fid in read_voc_split(d, split)}
@@ -130,7 +131,7 @@ def _predictions(gt, seed):
 
 
 def test_voc_ap_of_perfect_detections_and_of_difficult_ones(mini):
-    from scrl_d2.detection.voc import voc_detection_ap
+    from scrl_d2.detection.formats.voc import voc_detection_ap
 
     d, gt = _voc_gt(mini)
     present = {n for objs in gt.values() for n, _, diff in objs if not diff}
@@ -151,8 +152,8 @@ def test_voc_ap_equals_detectron2s_evaluator_on_the_same_predictions(mini, year,
     from detectron2.evaluation import PascalVOCDetectionEvaluator
     from detectron2.structures import Boxes, Instances
 
-    from scrl_d2.detection.datasets import check_dataset_files
-    from scrl_d2.detection.voc import voc_detection_ap
+    from scrl_d2.detection.catalog import check_dataset_files
+    from scrl_d2.detection.formats.voc import voc_detection_ap
 
     from scrl_d2.data.catalog import set_datasets_root
 
@@ -244,7 +245,7 @@ def test_coco_subset_is_the_same_images_on_both_paths(mini, monkeypatch):
     from detectron2.data import DatasetCatalog
 
     from scrl_d2.data.catalog import set_datasets_root
-    from scrl_d2.detection.coco_data import CocoDetectionDataset
+    from scrl_d2.detection.torchvision_data import CocoDetectionDataset
 
     set_datasets_root(mini)
     for name in ("coco_2017_train_10pct_seed3", "coco_2017_train_1pct_seed1"):
@@ -260,7 +261,7 @@ def _tool(*args, env=None):
 
 
 def test_table_arithmetic_mean_sample_std_and_missing_trials(tmp_path):
-    from scrl_d2.detection.transfer import TransferSuite, mean_std
+    from scrl_d2.transfer.suite import TransferSuite, mean_std
 
     assert mean_std([50.0, 52.0, 57.0]) == pytest.approx((53.0, math.sqrt(13.0)))
     assert mean_std([41.0]) == (41.0, 0.0) and all(map(math.isnan, mean_std([40.0, float("nan")])))
@@ -288,7 +289,7 @@ def test_table_arithmetic_mean_sample_std_and_missing_trials(tmp_path):
 
 
 def test_published_numbers_sit_beside_ours(tmp_path):
-    from scrl_d2.detection.transfer import TransferSuite
+    from scrl_d2.transfer.suite import TransferSuite
 
     suite = TransferSuite(str(tmp_path), {"x": "random"}, [get_protocol("coco_mask_rcnn_R50_FPN_1x")])
     md = suite.write_table()

@@ -6,7 +6,7 @@
 
 One task per GPU; each runs tools/train_net.py with these arguments, distributed from the
 SLURM environment. Before a time limit or on preemption the job checkpoints after its
-current step and is requeued; the requeued job resumes. See README "Clusters".
+current step and is requeued; the requeued job resumes. See docs/clusters.md.
 """
 import os
 import sys

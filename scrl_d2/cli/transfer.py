@@ -17,26 +17,17 @@ A rerun skips complete runs and resumes the others. Extra KEY VALUE pairs after 
 override every run's config. Exit status: 0 all complete, 1 some run failed, 2 bad input.
 """
 import argparse
-import contextlib
 import logging
 import os
 import shlex
-import signal
-import subprocess
 import sys
 
-from scrl_d2.detection.protocols import GROUPS, PROTOCOLS, get_protocol, miniature_formats
-from scrl_d2.detection.transfer import RANDOM_INIT, ROOT, TRAIN_NET, Interrupted, TransferSuite
 from scrl_d2.engine.defaults import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED
+from scrl_d2.transfer.miniature import make_miniature, miniature_formats
+from scrl_d2.transfer.presets import PRESETS, get_preset
+from scrl_d2.transfer.protocols import GROUPS, PROTOCOLS, get_protocol
+from scrl_d2.transfer.suite import Interrupted, TransferSuite, check_backends, stop_signals_interrupt
 from scrl_d2.utils.errors import InputValueError, is_bad_input
-
-# --preset demo: random init vs BYOL and SCRL pretrained on the built-in demo images,
-# through these protocols at miniature scale on generated data (CPU, a few minutes);
-# the protocol's trial count, at most DEMO_TRIALS.
-DEMO_PROTOCOLS = ("coco_faster_rcnn_R50_FPN_1x", "voc0712_faster_rcnn_R50_FPN")
-DEMO_TRIALS = 2
-DEMO_OPTS = ["SOLVER.MAX_ITER", "20", "SOLVER.STEPS", "(16,)", "SOLVER.CHECKPOINT_PERIOD", "20", "SOLVER.IMS_PER_BATCH", "2",
-             "MODEL.DEVICE", "cpu"]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--miniature", default="", metavar="ROOT", help="run on generated miniature datasets under "
                    "ROOT (ResNet-18, small images, few iterations): a check of the pipeline, not a result")
     p.add_argument("--table-only", action="store_true", help="write the table of what is complete; run nothing")
-    p.add_argument("--preset", choices=["demo"], help="demo: random vs BYOL vs SCRL demo checkpoints on CPU")
+    p.add_argument("--preset", choices=list(PRESETS), help="; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))
     p.add_argument("--study", metavar="NAME", help="run a study (random init vs BYOL vs SCRL, pretraining "
                    "included, paired trials, 95%% intervals): 'small' (CPU, ~70 min) or 'smoke' (its miniature); "
                    "default --output-dir output/study_NAME")
@@ -94,48 +85,10 @@ def parse_weights(items):
     return out
 
 
-def pretrain_demo(out: str) -> dict:
-    """BYOL and SCRL on the built-in demo images (24 iterations each, resumable)."""
-    ckpts = {"random": RANDOM_INIT}
-    for arch in ("byol", "scrl"):
-        d = os.path.join(out, "pretrain", arch)
-        last = os.path.join(d, "checkpoint_last.pth")
-        if not os.path.exists(last):
-            cmd = [sys.executable, *TRAIN_NET, "--config-file", os.path.join(ROOT, "configs", "demo",
-                                                                             f"{arch}_demo.yaml"),
-                   "OUTPUT_DIR", d, "SOLVER.MAX_ITER", "24", "MODEL.PROBE.ENABLED", "False",
-                   "LINEAR_EVAL.ENABLED", "False", "KNN.PERIOD", "0", "TEST.EVAL_PERIOD", "0"]
-            print(f"pretraining {arch.upper()} on the demo images: {shlex.join(cmd)}", flush=True)
-            os.makedirs(d, exist_ok=True)
-            with open(os.path.join(d, "log.txt"), "a") as log:
-                if subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT) != 0:
-                    raise RuntimeError(f"demo pretraining failed; see {os.path.join(d, 'log.txt')}")
-        ckpts[f"{arch}_demo"] = os.path.realpath(last)
-    return ckpts
-
-
-@contextlib.contextmanager
-def stop_signals_interrupt(step: str):
-    """A stop signal during an in-process step raises :class:`Interrupted` (one line, exit 75;
-    every step's output is atomic, so a rerun resumes). Subprocess steps install their own
-    handlers (``call_forwarding_signals``) and restore these."""
-    from scrl_d2.engine.preemption import STOP_SIGNALS
-
-    def stop(signum, frame):
-        raise Interrupted(signum, step)
-
-    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 def run_study(args) -> None:
-    from scrl_d2.detection import use_detectron2
-    from scrl_d2.detection.study import Study, StudyStepFailed, get_study
-    from scrl_d2.detection.study_report import write_report
+    from scrl_d2.backend import backend_name
+    from scrl_d2.transfer.study import Study, StudyStepFailed, get_study
+    from scrl_d2.transfer.study_report import write_report
 
     try:
         others = [flag for flag, given in (("--weights", args.weights), ("--protocols", args.protocols),
@@ -146,13 +99,13 @@ def run_study(args) -> None:
                   if given]
         if others:
             raise InputValueError(f"--study {args.study}: {', '.join(others)} cannot be combined with a study "
-                                  "(its design is fixed; see scrl_d2/detection/study.py)")
+                                  "(its design is fixed; see scrl_d2/transfer/study.py)")
         study = Study(get_study(args.study), args.output_dir or os.path.join("output", f"study_{args.study}"))
         study.check_design()
         with stop_signals_interrupt("the study's in-process steps (scenes, probes)"):
             failed = [] if args.table_only else study.run()
         with stop_signals_interrupt("the report"):
-            md = write_report(study.collect(), study.output_dir, "detectron2" if use_detectron2() else "torchvision")
+            md = write_report(study.collect(), study.output_dir, backend_name())
     except Interrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
@@ -181,28 +134,30 @@ def main(argv=None) -> None:
         run_study(args)
         return
     try:
-        if args.preset == "demo":
-            from scrl_d2.detection.miniature import make_miniature
-
-            out = os.path.abspath(args.output_dir or os.path.join("output", "transfer_demo"))
+        if args.preset:
+            preset = get_preset(args.preset)
+            out = os.path.abspath(args.output_dir or preset.default_output)
             protocols = select_protocols(args.protocols) if args.protocols else [get_protocol(n) for n in
-                                                                                 DEMO_PROTOCOLS]
+                                                                                 preset.protocols]
+            if args.launcher != "print":
+                check_backends(protocols)  # before the demo pretraining
             formats = sorted({f for p in protocols for f in miniature_formats(p)})
-            mini = make_miniature(args.miniature or os.path.join(out, "datasets"), formats)
-            weights = parse_weights(args.weights) if args.weights else pretrain_demo(out)
-            suite = TransferSuite(out, weights, protocols, trials=args.trials, max_trials=DEMO_TRIALS,
-                                  launcher=args.launcher, miniature_root=mini, opts=DEMO_OPTS + args.opts)
+            mini = make_miniature(args.miniature or os.path.join(out, "datasets"), formats) if preset.miniature else ""
+            weights = parse_weights(args.weights) if args.weights else preset.weights(out)
+            suite = TransferSuite(out, weights, protocols, trials=args.trials, max_trials=preset.max_trials,
+                                  launcher=args.launcher, miniature_root=mini, opts=list(preset.opts) + args.opts)
         else:
             protocols = select_protocols(args.protocols)
             mini = ""
             if args.miniature:
-                from scrl_d2.detection.miniature import make_miniature
-
                 formats = sorted({f for p in protocols for f in miniature_formats(p)})
                 mini = make_miniature(os.path.abspath(args.miniature), formats)
             suite = TransferSuite(args.output_dir or os.path.join("output", "transfer"), parse_weights(args.weights),
                                   protocols, trials=args.trials, num_gpus=args.num_gpus, launcher=args.launcher,
                                   miniature_root=mini, opts=args.opts, slurm_args=shlex.split(args.slurm_args))
+    except Interrupted as e:  # during the preset's pretraining
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as e:
         if not is_bad_input(e):  # only what the project diagnosed; anything else keeps its traceback
             raise

@@ -125,7 +125,7 @@ _C.INPUT.JPEG_DRAFT = True
 _C.INPUT.EXIF_TRANSPOSE = False
 # Where views are decoded and augmented: "cpu" (loader workers, PIL) or "device"
 # (the training GPU: nvJPEG decode and batched augmentation of the same parameters,
-# drawn in the workers; for when CPU cores cannot feed the GPU, see README).
+# drawn in the workers; for when CPU cores cannot feed the GPU, see docs/performance.md).
 _C.INPUT.AUGMENT_DEVICE = "cpu"
 
 # ---------------------------------------------------------------------------- #

@@ -1,18 +1,23 @@
 """Detection fine-tuning: Detectron2's trainer when installed, else torchvision's models."""
 from typing import Dict
 
-from ..backend import use_detectron2
-from ..utils.errors import InputFileNotFoundError
-from . import datasets  # noqa: F401  (registers the COCO-format datasets)
-from .datasets import get_coco_json, register_coco_json
-from .synthetic import ensure_synthetic_detection
+# the META_ARCHITECTUREs of Detectron2 that fine-tuning runs (both paths); defined before
+# the submodules are imported, which read it
+DETECTION_ARCHITECTURES = ("GeneralizedRCNN", "RetinaNet")
 
-__all__ = ["is_detection_config", "check_finetune_config", "run_finetune", "register_coco_json", "get_coco_json", "ensure_synthetic_detection"]
+from ..backend import use_detectron2  # noqa: E402
+from ..utils.errors import InputFileNotFoundError  # noqa: E402
+from . import builtin  # noqa: E402,F401  (registers the built-in detection datasets)
+from .catalog import get_coco_json, register_coco_json  # noqa: E402
+from .synthetic import ensure_synthetic_detection  # noqa: E402
+
+__all__ = ["DETECTION_ARCHITECTURES", "is_detection_config", "check_finetune_config", "run_finetune",
+           "register_coco_json", "get_coco_json", "ensure_synthetic_detection"]
 
 
 def is_detection_config(cfg) -> bool:
     """A Detectron2 detector config (R-CNNs and RetinaNet), as opposed to pretraining."""
-    return cfg.MODEL.META_ARCHITECTURE in ("GeneralizedRCNN", "RetinaNet")
+    return cfg.MODEL.META_ARCHITECTURE in DETECTION_ARCHITECTURES
 
 
 def check_finetune_config(cfg) -> None:

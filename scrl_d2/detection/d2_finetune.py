@@ -19,13 +19,14 @@ import torch.distributed as dist
 from ..checkpoint import SafeLoading, atomic_torch_save
 
 from ..utils.fs import atomic_write, finite_json
-from ..engine.defaults import TrainingDiverged
+from ..engine.defaults import TrainingDiverged, resolve_device
 from ..engine.preemption import StopSignals, TrainingInterrupted
 from ..engine.rng import rng_state, set_rng_state
 from ..modeling.layers import cpu_capable_sync_bn
 from ..utils import comm
 from ..utils.errors import InputFileNotFoundError, InputValueError
 from ..utils.events import history_state, restore_history
+from .formats import format_of_evaluator
 from .sampler import SeededItems, TrainingBatches, ignore_stop_signals
 
 __all__ = ["run_detectron2", "build_train_loader"]
@@ -35,24 +36,17 @@ logger = logging.getLogger("scrl_d2.detection")
 
 
 def build_evaluator(cfg, dataset_name: str, output_folder=None):
-    """Detectron2's evaluator for the dataset's ``evaluator_type``: COCO (boxes, masks,
-    keypoints), Pascal VOC, Cityscapes instances, LVIS."""
+    """Detectron2's evaluator for the dataset's ``evaluator_type`` (COCO boxes, masks and
+    keypoints, Pascal VOC, Cityscapes instances, LVIS): the dataset format's own."""
     from detectron2.data import MetadataCatalog
-    from detectron2.evaluation import (CityscapesInstanceEvaluator, COCOEvaluator, LVISEvaluator,
-                                       PascalVOCDetectionEvaluator)
 
     out = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
     kind = getattr(MetadataCatalog.get(dataset_name), "evaluator_type", "coco")
-    if kind == "pascal_voc":
-        return PascalVOCDetectionEvaluator(dataset_name)
-    if kind == "cityscapes_instance":
-        return CityscapesInstanceEvaluator(dataset_name)
-    if kind == "lvis":
-        return LVISEvaluator(dataset_name, output_dir=out)
-    if kind != "coco":
-        raise InputValueError(f"DATASETS.TEST: {dataset_name!r} has evaluator_type {kind!r}; detection "
-                              "fine-tuning evaluates coco, pascal_voc, cityscapes_instance and lvis datasets")
-    return COCOEvaluator(dataset_name, output_dir=out)
+    try:
+        fmt = format_of_evaluator(kind)
+    except InputValueError as e:
+        raise InputValueError(f"DATASETS.TEST: {dataset_name!r}: {e}") from None
+    return fmt.build_evaluator(dataset_name, out)
 
 
 def build_train_loader(cfg) -> torch.utils.data.DataLoader:
@@ -371,7 +365,7 @@ def _trainer_class():
 
 def run_detectron2(cfg, resume: bool, eval_only: bool) -> Dict:
     """Detectron2's ``tools/train_net.py`` logic; writes ``OUTPUT_DIR/results.json``."""
-    from .datasets import DETECTION_DATASETS, check_dataset_files
+    from .catalog import DETECTION_DATASETS, check_dataset_files
 
     for name in tuple(cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST):
         if name in DETECTION_DATASETS:
@@ -379,8 +373,7 @@ def run_detectron2(cfg, resume: bool, eval_only: bool) -> Dict:
     if cfg.MODEL.WEIGHTS and not cfg.MODEL.WEIGHTS.startswith(("detectron2://", "http")) \
             and not os.path.isfile(cfg.MODEL.WEIGHTS):
         raise InputFileNotFoundError(f"MODEL.WEIGHTS: file not found: {cfg.MODEL.WEIGHTS}")
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but no GPU is visible: running on the CPU")
+    if resolve_device(cfg).type != cfg.MODEL.DEVICE.split(":")[0]:  # no GPU visible: warned, on the CPU
         cfg = cfg.clone()
         cfg.defrost()
         cfg.MODEL.DEVICE = "cpu"

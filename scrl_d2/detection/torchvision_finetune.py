@@ -21,8 +21,9 @@ from ..engine.step import amp_dtype, build_grad_scaler, optimization_step
 from ..engine.train_loop import TrainerBase
 from ..utils import comm
 from ..utils.errors import InputValueError
-from .coco_data import build_detection_dataset, collate
-from .coco_eval import evaluate_predictions, predictions_to_coco
+from .coco_eval import predictions_to_coco
+from .formats import get_format
+from .torchvision_data import build_detection_dataset, collate
 from .sampler import SeededItems, TrainingBatches, ignore_stop_signals
 from .torchvision_model import build_torchvision_detector, load_detector_weights
 
@@ -289,24 +290,6 @@ class TorchvisionDetectionTrainer(TrainerBase):
         model.train()
         logger.info(f"precise BN: statistics recomputed over {self.cfg.TEST.PRECISE_BN.NUM_ITER} batches")
 
-    def _score(self, ds, preds, out_dir: str) -> Dict:
-        """The dataset's own metric: Detectron2's VOC AP for Pascal VOC, COCO AP otherwise."""
-        if ds.evaluator == "pascal_voc":
-            from .voc import VOC_CLASSES
-            from .voc import voc_detection_ap
-
-            voc_id = {i: ds.coco.imgs[i]["voc_id"] for i in ds.coco.imgs}
-            return voc_detection_ap([{"voc_id": voc_id[p["image_id"]], "class": p["category_id"] - 1,
-                                      "score": p["score"], "box": [p["bbox"][0], p["bbox"][1],
-                                                                   p["bbox"][0] + p["bbox"][2],
-                                                                   p["bbox"][1] + p["bbox"][3]]} for p in preds],
-                                    ds.image_root, ds.split, ds.year, VOC_CLASSES)
-        cfg = self.cfg
-        iou_types = ["bbox"] + (["segm"] if cfg.MODEL.MASK_ON else []) + (["keypoints"] if cfg.MODEL.KEYPOINT_ON
-                                                                          else [])
-        return evaluate_predictions(ds.coco, preds, iou_types, ds.class_names, out_dir,
-                                    kpt_oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS)
-
     @torch.no_grad()
     def evaluate(self, tag: str = "eval") -> Dict:
         """COCO / VOC metrics of DATASETS.TEST, on every process. ``results.json`` is
@@ -329,7 +312,7 @@ class TorchvisionDetectionTrainer(TrainerBase):
                 if comm.is_main_process():
                     out_dir = os.path.join(cfg.OUTPUT_DIR, "inference", name)
                     os.makedirs(out_dir, exist_ok=True)
-                    res = self._score(ds, preds, out_dir)
+                    res = get_format(ds.kind).score(ds, preds, out_dir, cfg)  # the format's own metric
                     all_results[name] = res
                     for t, r in res.items():
                         logger.info(f"{name} {t} ({tag}): " + "  ".join(f"{m}: {r[m]:.2f}" for m in

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 from ..config import ConfigError
+from . import DETECTION_ARCHITECTURES
 
 __all__ = ["KeyRule", "TORCHVISION_KEYS", "check_torchvision_keys"]
 
@@ -82,8 +83,8 @@ _POOLER_TYPE = H("test_poolers_are_detectron2s_roialign", _eq("ROIAlignV2", "ROI
 TORCHVISION_KEYS: Dict[str, KeyRule] = {
     "VERSION": I("the config format's version: Detectron2 upgrades old configs with it; both paths read version 2"),
     # ------------------------------------------------------------------ model
-    "MODEL.META_ARCHITECTURE": H("test_each_architecture_trains_and_predicts", _eq("GeneralizedRCNN", "RetinaNet"),
-                                 "GeneralizedRCNN or RetinaNet"),
+    "MODEL.META_ARCHITECTURE": H("test_each_architecture_trains_and_predicts", _eq(*DETECTION_ARCHITECTURES),
+                                 " or ".join(DETECTION_ARCHITECTURES)),
     "MODEL.DEVICE": H("tests/test_detection.py::test_faster_rcnn_finetunes_evaluates_and_resumes"),
     "MODEL.WEIGHTS": H("tests/test_detection.py::test_faster_rcnn_finetunes_evaluates_and_resumes"),
     "MODEL.PIXEL_MEAN": H("test_pixel_statistics_normalise_as_detectron2"),
@@ -249,4 +250,4 @@ def check_torchvision_keys(cfg) -> None:
         if not rule.allowed(node, cfg):
             raise ConfigError(f"{key}: {node!r} is not available on the torchvision fine-tuning path (expected "
                               f"{rule.expected}); only the Detectron2 path supports it: install Detectron2 "
-                              "(see README, 'Detectron2 backend')")
+                              "(see docs/detectron2.md)")

@@ -37,12 +37,12 @@ from ..checkpoint import LayoutError, d2_to_torchvision, extract_encoder, load_c
 from ..config import ConfigError
 from ..modeling.layers import SyncBatchNorm
 from ..utils.errors import InputFileNotFoundError, InputValueError
+from . import DETECTION_ARCHITECTURES
 from .torchvision_keys import check_torchvision_keys
 
 __all__ = ["build_torchvision_detector", "norm_layer", "load_detector_weights", "DETECTION_ARCHITECTURES",
            "PolygonMasks"]
 
-DETECTION_ARCHITECTURES = ("GeneralizedRCNN", "RetinaNet")
 
 logger = logging.getLogger("scrl_d2.detection")
 

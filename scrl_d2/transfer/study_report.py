@@ -18,7 +18,7 @@ from typing import Dict, Optional, Sequence
 
 from ..utils.fs import atomic_write, finite_json
 from .study import ARMS, METRICS, PAIRS
-from .transfer import mean_std
+from .suite import mean_std
 
 __all__ = ["t_interval", "summarize", "write_report"]
 

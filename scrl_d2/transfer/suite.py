@@ -31,10 +31,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..utils.fs import atomic_write, finite_json
 from ..utils.errors import InputFileNotFoundError, InputValueError
-from .protocols import Protocol, miniature_overrides
+from .miniature import miniature_overrides
+from .protocols import Protocol
 
 __all__ = ["TransferRun", "TransferSuite", "mean_std", "RANDOM_INIT", "timed", "wall_time", "Interrupted",
-           "call_forwarding_signals"]
+           "call_forwarding_signals", "stop_signals_interrupt", "check_backends"]
 
 logger = logging.getLogger("scrl_d2.transfer")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,6 +56,22 @@ def mean_std(values: Sequence[float]) -> Tuple[float, float]:
     if len(values) == 1:
         return m, 0.0
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def check_backends(protocols: Sequence[Protocol]) -> None:
+    """Refuse, before anything runs, a protocol that the fine-tuning path of this environment
+    (``scrl_d2.backend``) cannot run: each protocol declares its ``backends``."""
+    from ..backend import backend_name
+
+    backend = backend_name()
+    refused = [p for p in protocols if backend not in p.backends]
+    if refused:
+        chosen = os.environ.get("SCRL_D2_BACKEND", "auto").lower() != "auto"
+        why = (f"SCRL_D2_BACKEND={backend}" if chosen
+               else "Detectron2 is not installed; see docs/detectron2.md")
+        raise InputValueError(f"--protocols: {', '.join(p.name for p in refused)} run(s) on "
+                              f"{' / '.join(sorted({b for p in refused for b in p.backends}))} only; this environment "
+                              f"fine-tunes with {backend} ({why})")
 
 
 @dataclass
@@ -104,6 +121,8 @@ class TransferSuite:
                 raise InputFileNotFoundError(f"--weights {name}={path}: file not found")
         if trials is not None and trials < 1:
             raise InputValueError(f"--trials {trials}: expected 1 or more")
+        if launcher != "print":  # printed commands may run elsewhere
+            check_backends(protocols)
         self.output_dir = os.path.abspath(output_dir)
         self.checkpoints, self.protocols = dict(checkpoints), list(protocols)
         self.trials, self.max_trials, self.num_gpus, self.launcher = trials, max_trials, num_gpus, launcher
@@ -287,7 +306,7 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-def call_forwarding_signals(cmd: Sequence[str], log, step: str = "") -> int:
+def call_forwarding_signals(cmd: Sequence[str], log, step: str = "", cwd: Optional[str] = None) -> int:
     """Run ``cmd`` (stdout and stderr to ``log``) and wait for it. A stop signal to this
     process is passed on to the child, which checkpoints and exits; then, as when the child
     itself stopped on a signal (exit 75), :class:`Interrupted` is raised. The handlers are in
@@ -308,7 +327,7 @@ def call_forwarding_signals(cmd: Sequence[str], log, step: str = "") -> int:
     previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS} if main else {}
     try:
         if not got:
-            proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
             if got:  # arrived while it started
                 proc.send_signal(got[0])
             rc = proc.wait()
@@ -323,6 +342,24 @@ def call_forwarding_signals(cmd: Sequence[str], log, step: str = "") -> int:
     if rc == EXIT_INTERRUPTED:  # the child alone was signalled (e.g. a scheduler's signal to it)
         raise Interrupted(None, step)
     return rc
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt(step: str):
+    """A stop signal during an in-process step raises :class:`Interrupted` (one line, exit 75;
+    every step's output is atomic, so a rerun resumes). Subprocess steps install their own
+    handlers (:func:`call_forwarding_signals`) and restore these."""
+    from ..engine.preemption import STOP_SIGNALS
+
+    def stop(signum, frame):
+        raise Interrupted(signum, step)
+
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
-"""Detection data for the torchvision fine-tuner (COCO json, COCO keypoints, label-scarce
-COCO subsets, Pascal VOC): images as uint8 tensors, targets in torchvision's format (xyxy
-boxes, contiguous labels from 1, uint8 masks, (K, 17, 3) keypoints)."""
+"""Detection data for the torchvision fine-tuner (every format whose module reads it:
+COCO json, COCO keypoints, label-scarce COCO subsets, Pascal VOC): images as uint8
+tensors, targets in torchvision's format (xyxy boxes, contiguous labels from 1, uint8
+masks, (K, 17, 3) keypoints)."""
 import logging
 from typing import Dict, List, Tuple
 
@@ -8,40 +9,13 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as F
 from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 
 from ..data.datasets import ImageReadError, read_image
 from ..utils.errors import InputValueError
-from .datasets import check_dataset_files, get_dataset
+from .catalog import check_dataset_files, get_dataset
 from .torchvision_model import PolygonMasks
 
-__all__ = ["CocoDetectionDataset", "collate", "build_detection_dataset", "TORCHVISION_KINDS"]
-
-TORCHVISION_KINDS = ("coco", "voc")  # the formats the torchvision path reads
-
-
-def _coco_api(name: str) -> Tuple[COCO, str]:
-    """A pycocotools COCO object of any dataset the torchvision path reads, and the image root."""
-    import contextlib
-    import io
-
-    ds = get_dataset(name)
-    if ds.kind not in TORCHVISION_KINDS:
-        raise InputValueError(f"detection dataset {name!r} ({ds.kind} format, {ds.evaluator} evaluation) needs "
-                              "Detectron2: install it (see README, 'Detectron2 backend')"
-                              + (" and the `lvis` package" if ds.kind == "lvis" else "")
-                              + (" and `cityscapesscripts`" if ds.kind == "cityscapes" else ""))
-    paths = check_dataset_files(name)
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        if ds.kind == "voc":
-            from .voc import VOC_CLASSES
-            from .voc import voc_as_coco
-
-            coco = COCO()
-            coco.dataset = voc_as_coco(paths["dirname"], ds.split, VOC_CLASSES)
-            coco.createIndex()
-            return coco, paths["dirname"]
-        return COCO(paths["json_file"]), paths["image_root"]
+__all__ = ["CocoDetectionDataset", "collate", "build_detection_dataset"]
 
 logger = logging.getLogger("scrl_d2.detection")
 
@@ -52,8 +26,9 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
                  min_keypoints: int = 0):
         self.name = name
         spec = get_dataset(name)  # not kept: its path functions do not pickle (spawned loader workers)
-        self.evaluator, self.split, self.year = spec.evaluator, spec.split, spec.year
-        self.coco, self.image_root = _coco_api(name)
+        self.kind, self.evaluator, self.split, self.year = spec.kind, spec.evaluator, spec.split, spec.year
+        spec.format.require_torchvision(spec)
+        self.coco, self.image_root = spec.format.coco_api(spec, check_dataset_files(name))
         self.cat_ids = sorted(self.coco.getCatIds())
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]

@@ -32,7 +32,7 @@ from typing import Dict, List, Tuple
 from ..utils.fs import atomic_write
 from ..utils.errors import InputKeyError, InputValueError
 from .protocols import CONFIGS_DIR, Protocol
-from .transfer import RANDOM_INIT, TRAIN_NET, TransferSuite, call_forwarding_signals, timed, wall_time
+from .suite import RANDOM_INIT, TRAIN_NET, TransferSuite, call_forwarding_signals, timed, wall_time
 
 __all__ = ["StudyDesign", "STUDIES", "Study", "StudyStepFailed", "ARMS", "get_study"]
 

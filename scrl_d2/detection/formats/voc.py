@@ -1,5 +1,7 @@
-"""Pascal VOC without Detectron2: the XML annotations as an in-memory COCO dataset (for the
-torchvision fine-tuner) and the VOC detection metric as Detectron2 reports it.
+"""Pascal VOC: Detectron2 reads it with ``load_voc_instances`` and evaluates it with
+``PascalVOCDetectionEvaluator``; without Detectron2, the XML annotations become an
+in-memory COCO dataset (for the torchvision fine-tuner) and the VOC detection metric is
+computed as Detectron2 reports it. The miniature writes ``VOC2007/`` and ``VOC2012/``.
 
 Conventions kept from Detectron2 (``load_voc_instances`` / ``PascalVOCDetectionEvaluator``):
 training boxes are ``(xmin - 1, ymin - 1, xmax, ymax)`` of the 1-based inclusive corners,
@@ -17,7 +19,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from ..utils.errors import InputFileNotFoundError, InputValueError
+from ...utils.errors import InputFileNotFoundError, InputValueError
+from . import DatasetFormat, register_format
 
 __all__ = ["VOC_CLASSES", "read_voc_split", "voc_as_coco", "voc_detection_ap", "average_precision"]
 
@@ -137,3 +140,87 @@ def voc_detection_ap(predictions: List[Dict], dirname: str, split: str, year: in
             aps[t].append(_class_ap(per_class[c], gt, t / 100.0, year == 2007) * 100)
     means = {t: float(np.mean(v)) for t, v in aps.items()}
     return {"bbox": {"AP": float(np.mean(list(means.values()))), "AP50": means[50], "AP75": means[75]}}
+
+
+_VOC_OF_SHAPE = ("bird", "boat", "car", "person")  # miniature: shape index -> VOC class
+
+
+def _voc_xml(info: Dict, objs: List[Dict], rng: np.random.Generator) -> str:
+    parts = [f"<annotation><folder>VOC</folder><filename>{info['file_name']}</filename>",
+             f"<size><width>{info['width']}</width><height>{info['height']}</height><depth>3</depth></size>"]
+    for a in objs:
+        x, y, w, h = a["bbox"]
+        # VOC corners are 1-based inclusive pixel indices
+        x0, y0 = int(round(x)) + 1, int(round(y)) + 1
+        x1, y1 = int(round(x + w)), int(round(y + h))
+        difficult = int(rng.random() < 0.15)
+        parts.append(f"<object><name>{_VOC_OF_SHAPE[a['category_id'] - 1]}</name><pose>Unspecified</pose>"
+                     f"<truncated>0</truncated><difficult>{difficult}</difficult><bndbox><xmin>{x0}</xmin>"
+                     f"<ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>")
+    return "".join(parts) + "</annotation>\n"
+
+
+class VOCFormat(DatasetFormat):
+    name = "voc"
+    evaluator_type = "pascal_voc"
+    torchvision = True
+
+    def detectron2_loader(self, ds, paths, metadata):
+        from detectron2.data.datasets.pascal_voc import load_voc_instances
+
+        classes = metadata.pop("thing_classes", list(VOC_CLASSES))
+        metadata["thing_classes"] = classes
+        return lambda d=paths["dirname"], s=ds.split, c=classes: load_voc_instances(d, s, c)
+
+    def build_evaluator(self, dataset_name, output_dir):
+        from detectron2.evaluation import PascalVOCDetectionEvaluator
+
+        return PascalVOCDetectionEvaluator(dataset_name)
+
+    def coco_api(self, ds, paths):
+        from pycocotools.coco import COCO
+
+        coco = COCO()
+        coco.dataset = voc_as_coco(paths["dirname"], ds.split, VOC_CLASSES)
+        coco.createIndex()
+        return coco, paths["dirname"]
+
+    def score(self, ds, predictions, out_dir, cfg):
+        voc_id = {i: ds.coco.imgs[i]["voc_id"] for i in ds.coco.imgs}
+        return voc_detection_ap([{"voc_id": voc_id[p["image_id"]], "class": p["category_id"] - 1,
+                                  "score": p["score"], "box": [p["bbox"][0], p["bbox"][1],
+                                                               p["bbox"][0] + p["bbox"][2],
+                                                               p["bbox"][1] + p["bbox"][3]]} for p in predictions],
+                                ds.image_root, ds.split, ds.year, VOC_CLASSES)
+
+    def write_miniature(self, tmp, scenes):
+        from PIL import Image
+
+        rng = np.random.default_rng(7)
+        # VOC2007: trainval = train scenes, test = val scenes; VOC2012: trainval = the train scenes
+        # rendered again under other ids (its own images).
+        layout = {"VOC2007": (("trainval", "train", "2007_"), ("test", "val", "2007t_")),
+                  "VOC2012": (("trainval", "train", "2012_"),)}
+        for year, splits in layout.items():
+            base = os.path.join(tmp, year)
+            for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
+                os.makedirs(os.path.join(base, sub), exist_ok=True)
+            for split, source, prefix in splits:
+                ids = []
+                items = scenes[source] if year == "VOC2007" else scenes[source][::-1]
+                for k, (img, info, objs) in enumerate(items):
+                    stem = f"{prefix}{k:06d}"
+                    ids.append(stem)
+                    info = dict(info, file_name=stem + ".jpg")
+                    out = img.transpose(Image.FLIP_LEFT_RIGHT) if year == "VOC2012" else img
+                    if year == "VOC2012":  # the mirrored scene: mirror the boxes too
+                        objs = [dict(a, bbox=[info["width"] - a["bbox"][0] - a["bbox"][2]] + a["bbox"][1:])
+                                for a in objs]
+                    out.save(os.path.join(base, "JPEGImages", stem + ".jpg"), quality=92)
+                    with open(os.path.join(base, "Annotations", stem + ".xml"), "w") as f:
+                        f.write(_voc_xml(info, objs, rng))
+                with open(os.path.join(base, "ImageSets", "Main", split + ".txt"), "w") as f:
+                    f.write("\n".join(ids) + "\n")
+
+
+register_format(VOCFormat())

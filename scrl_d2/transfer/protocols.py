@@ -2,7 +2,7 @@
 through the config, evaluator through the datasets, the metrics to tabulate, how many
 trials, which fine-tuning paths can run it, the published numbers to compare with).
 
-``tools/transfer.py`` runs entries of this table; the README's reproduction guide is
+``tools/transfer.py`` runs entries of this table; the protocols table in docs/transfer.md is
 written from it. Published numbers are only those we could source exactly: the SCRL
 release README's COCO rows (``shared/docs/method.md``) and MoCo's detection README (VOC
 R50-C4, mean of 5 trials).
@@ -20,14 +20,13 @@ from typing import Dict, List, Tuple
 
 from ..utils.errors import InputKeyError
 
-__all__ = ["Protocol", "PROTOCOLS", "get_protocol", "MINIATURE", "miniature_overrides", "miniature_formats",
-           "CONFIGS_DIR", "GROUPS"]
+__all__ = ["Protocol", "PROTOCOLS", "get_protocol", "CONFIGS_DIR", "GROUPS", "BACKENDS"]
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 GROUPS = {"paper": "The SCRL paper's protocols", "moco": "The field's standard protocols (MoCo's)",
           "beyond": "Beyond the paper", "option": "Other conventions (not the paper's protocol)"}
 
-BOTH = ("detectron2", "torchvision")
+BACKENDS = BOTH = ("detectron2", "torchvision")  # the fine-tuning paths (scrl_d2.backend)
 D2 = ("detectron2",)
 
 # Detectron2 model zoo training speed on 8 V100s (s/iteration, MODEL_ZOO.md), per model
@@ -234,41 +233,7 @@ _PROTOCOLS: List[Protocol] = [
 ]
 PROTOCOLS: Dict[str, Protocol] = {p.name: p for p in _PROTOCOLS}
 
-# A miniature run of any protocol: ResNet-18, small images, a few iterations, on the
-# generated datasets of scrl_d2.detection.miniature (DATASETS.ROOT is added by the caller).
-MINIATURE: Tuple[str, ...] = (
-    "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "600", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "300",
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", "300", "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
-    # a few iterations give low scores: keep them, so AP measures ranking, not the threshold
-    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.001", "MODEL.RETINANET.SCORE_THRESH_TEST", "0.001",
-    "INPUT.MIN_SIZE_TRAIN", "(160, 192)", "INPUT.MAX_SIZE_TRAIN", "320",
-    "INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "320",
-    "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "40", "SOLVER.STEPS", "(30,)", "SOLVER.WARMUP_ITERS", "10",
-    "SOLVER.CHECKPOINT_PERIOD", "20", "TEST.PRECISE_BN.NUM_ITER", "5", "DATALOADER.NUM_WORKERS", "1",
-    "LOG_PERIOD", "10",
-)
-
-
-def miniature_overrides(protocol: Protocol, root: str, trial: int = 1) -> List[str]:
-    """MINIATURE, then the protocol's own miniature overrides, then DATASETS.ROOT."""
-    extra = [v.replace("{trial}", str(trial)) for v in protocol.miniature]
-    return list(MINIATURE) + extra + ["DATASETS.ROOT", root]
-
-
 def get_protocol(name: str) -> Protocol:
     if name not in PROTOCOLS:
         raise InputKeyError(f"unknown protocol {name!r}; available: {', '.join(PROTOCOLS)}")
     return PROTOCOLS[name]
-
-
-def miniature_formats(protocol: Protocol) -> Tuple[str, ...]:
-    """Which miniature datasets a protocol's miniature run reads."""
-    from ..config import config_from_args
-    from .datasets import get_dataset
-
-    cfg = config_from_args(protocol.config_path)
-    kinds = {get_dataset(n).kind for n in tuple(cfg.DATASETS.TRAIN) + tuple(cfg.DATASETS.TEST)}
-    return tuple(sorted(kinds))
-

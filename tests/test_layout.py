@@ -1,0 +1,151 @@
+"""The house's layout, as a Detectron2 maintainer would review it: no import cycle between
+modules, no back edge from the model to the checkpoint tools, tools/ as thin scripts,
+one module per dataset format with everything its format needs, and the transfer suite
+refusing a protocol that the environment's fine-tuning path cannot run."""
+import ast
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.plain
+
+
+def _modules():
+    mods = {}
+    for d, _, files in os.walk(os.path.join(ROOT, "scrl_d2")):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(d, f)
+                name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                mods[name[:-len(".__init__")] if name.endswith(".__init__") else name] = path
+    return mods
+
+
+def _import_graph():
+    """module -> the scrl_d2 modules it imports, at any level (a lazy import inside a
+    function is an edge too). A module's own packages and sub-modules are not edges (a
+    package imports its parts, a part may read its package's constants)."""
+    mods = _modules()
+    graph = {m: set() for m in mods}
+    for m, path in mods.items():
+        pkg = m if path.endswith("__init__.py") else m.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(open(path).read())):
+            targets = []
+            if isinstance(node, ast.ImportFrom):
+                base = pkg.split(".")[:len(pkg.split(".")) - node.level + 1] if node.level else []
+                mod = ".".join(base + ([node.module] if node.module else []))
+                targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in mods else mod for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            for t in targets:
+                if t in mods and t != m and not m.startswith(t + ".") and not t.startswith(m + "."):
+                    graph[m].add(t)
+    return graph
+
+
+def _cycles(graph):
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(n):
+        index[n] = low[n] = len(index)
+        stack.append(n)
+        on.add(n)
+        for w in graph[n]:
+            if w not in index:
+                visit(w)
+                low[n] = min(low[n], low[w])
+            elif w in on:
+                low[n] = min(low[n], index[w])
+        if low[n] == index[n]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == n:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for n in graph:
+        if n not in index:
+            visit(n)
+    return out
+
+
+def test_no_module_imports_itself_through_others():
+    graph = _import_graph()
+    assert len(graph) > 80 and graph["scrl_d2.data.builtin"] >= {"scrl_d2.data.catalog", "scrl_d2.data.demo"}
+    assert _cycles(graph) == []
+    # the check sees a cycle where there is one
+    graph["scrl_d2.data.catalog"].add("scrl_d2.data.builtin")
+    assert _cycles(graph) and "scrl_d2.data.catalog" in _cycles(graph)[0]
+
+
+def test_no_back_edges():
+    graph = _import_graph()
+    modeling = [m for m in graph if m.startswith("scrl_d2.modeling")]
+    assert not [(m, t) for m in modeling for t in graph[m] if t.startswith(("scrl_d2.checkpoint", "scrl_d2.engine",
+                                                                             "scrl_d2.detection", "scrl_d2.transfer",
+                                                                             "scrl_d2.cli"))]
+    assert not [t for t in graph["scrl_d2.data.catalog"] if t.startswith(("scrl_d2.data.demo", "scrl_d2.data.scenes"))]
+    lib = [m for m in graph if not m.startswith(("scrl_d2.cli", "scrl_d2.engine.slurm"))]
+    # the library never imports a tool's command line (submitit's job pickles train_net's entry point)
+    assert not [(m, t) for m in lib for t in graph[m] if t.startswith("scrl_d2.cli")]
+
+
+def test_tools_are_thin_scripts_over_the_library():
+    tools = sorted(f for f in os.listdir(os.path.join(ROOT, "tools")) if f.endswith(".py"))
+    assert {"train_net.py", "transfer.py", "benchmark.py", "convert.py", "demo_pipeline.py"} <= set(tools)
+    for f in tools:
+        tree = ast.parse(open(os.path.join(ROOT, "tools", f)).read())
+        body = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))
+                and ast.unparse(n) != "import sys"]  # sys.exit(main()) is allowed
+        kinds = [type(n).__name__ for n in body]
+        assert kinds == ["ImportFrom", "If"], (f, kinds)
+        assert body[0].module.startswith("scrl_d2.cli."), f
+        assert ast.unparse(body[1].test) == "__name__ == '__main__'", f
+        assert len(body[1].body) == 1 and isinstance(body[1].body[0].value, ast.Call), f
+
+
+def test_each_dataset_format_holds_what_both_paths_and_the_miniature_need():
+    from scrl_d2.detection.builtin import PREDEFINED_SPLITS
+    from scrl_d2.detection.catalog import DETECTION_DATASETS
+    from scrl_d2.detection.formats import FORMATS, DatasetFormat, format_of_evaluator
+
+    assert list(FORMATS) == ["coco", "voc", "cityscapes", "lvis"]
+    for name, fmt in FORMATS.items():
+        cls = type(fmt)
+        assert cls.__module__ == f"scrl_d2.detection.formats.{name}", name  # one module per format
+        for method in ("detectron2_loader", "build_evaluator", "write_miniature"):
+            assert getattr(cls, method) is not getattr(DatasetFormat, method), (name, method)
+        for method in ("coco_api", "score"):
+            own = getattr(cls, method) is not getattr(DatasetFormat, method)
+            assert own == fmt.torchvision, (name, method)
+        assert format_of_evaluator(fmt.evaluator_type) is fmt
+    assert {fmt for fmt, _, _ in PREDEFINED_SPLITS.values()} == set(FORMATS)
+    assert set(PREDEFINED_SPLITS) <= set(DETECTION_DATASETS)
+    assert {d.kind for d in DETECTION_DATASETS.values()} <= set(FORMATS)
+
+
+def test_the_suite_refuses_a_protocol_the_fine_tuning_path_cannot_run(tmp_path, monkeypatch, capsys):
+    from scrl_d2.cli.transfer import main
+    from scrl_d2.transfer import PROTOCOLS, TransferSuite
+    from scrl_d2.utils.errors import InputValueError
+
+    d2_only = [p for p in PROTOCOLS.values() if p.backends == ("detectron2",)]
+    both = [p for p in PROTOCOLS.values() if "torchvision" in p.backends]
+    assert d2_only and both
+    monkeypatch.setenv("SCRL_D2_BACKEND", "torchvision")
+    with pytest.raises(InputValueError, match=f"{d2_only[0].name} run.* on detectron2 only.*torchvision"):
+        TransferSuite(str(tmp_path / "s"), {"random": "random"}, [both[0], d2_only[0]])
+    TransferSuite(str(tmp_path / "s"), {"random": "random"}, both)  # accepted
+    TransferSuite(str(tmp_path / "s"), {"random": "random"}, d2_only, launcher="print")  # printed, not run here
+    with pytest.raises(SystemExit) as e:
+        main(["--output-dir", str(tmp_path / "t"), "--weights", "random=random", "--protocols", d2_only[0].name])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "SCRL_D2_BACKEND=torchvision" in err[0]
+    assert not os.path.exists(tmp_path / "t")  # nothing written
