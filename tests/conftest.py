@@ -224,7 +224,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 # ---------------------------------------------------------------------------- optional dependencies
 # A test that skips because Detectron2, cityscapesscripts or lvis "is not installed" while it
 # is installed fails the session: a broken Detectron2 path must not land green (CI installs
-# all three; see README "Tests and CI"). Skip reasons name the package: "<name> is not installed".
+# all three; see docs/detectron2.md, "Tests and CI: both paths"). Skip reasons name the package:
+# "<name> is not installed".
 _OPTIONAL = {"detectron2": "detectron2", "cityscapesscripts": "cityscapesscripts", "lvis": "lvis"}
 _MISSING = re.compile(r"\b(detectron2|cityscapesscripts|lvis) is not installed", re.IGNORECASE)
 

@@ -16,7 +16,7 @@ FAST = ["SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MI
         "TEST.PRECISE_BN.NUM_ITER", "2", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "DATALOADER.NUM_WORKERS", "0",
         "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS", "(100,)"]
 needs_d2 = pytest.mark.skipif(not detectron2_available(),
-                              reason="Detectron2 is not installed (see README 'Detectron2 backend')")
+                              reason="Detectron2 is not installed (see docs/detectron2.md)")
 
 
 @pytest.fixture(scope="module")

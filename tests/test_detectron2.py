@@ -8,7 +8,7 @@ from scrl_d2.backend import detectron2_available
 
 pytestmark = pytest.mark.skipif(
     not detectron2_available(),
-    reason="Detectron2 is not installed (it is on no package registry; see README 'Detectron2 backend')",
+    reason="Detectron2 is not installed (it is on no package registry; see docs/detectron2.md)",
 )
 
 from conftest import ROOT, cfg_at, flat_items, tiny_cfg, tiny_opts  # noqa: E402

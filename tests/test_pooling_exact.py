@@ -17,7 +17,7 @@ from scrl_d2.modeling import build_model
 from scrl_d2.modeling.audit import audit_pooling
 
 BACKENDS = ["torchvision", pytest.param("detectron2", marks=pytest.mark.skipif(
-    not detectron2_available(), reason="Detectron2 is not installed (see README 'Detectron2 backend')"))]
+    not detectron2_available(), reason="Detectron2 is not installed (see docs/detectron2.md)"))]
 CPU = torch.device("cpu")
 
 
