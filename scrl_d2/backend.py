@@ -9,7 +9,7 @@ import importlib.util
 import os
 import warnings
 
-from .config import ConfigError
+from .utils.errors import ConfigError
 
 __all__ = ["detectron2_available", "use_detectron2", "backend_name"]
 

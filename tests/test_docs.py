@@ -18,6 +18,7 @@ Placeholders (:data:`PLACEHOLDER`) are not checked; ``...`` stands for arguments
 import argparse
 import glob
 import importlib
+import itertools
 import importlib.util
 import os
 import re
@@ -524,3 +525,27 @@ def test_the_checks_catch_a_misspelled_flag_a_missing_config_a_bad_key_and_broke
     assert "no_such_page.md does not exist" in links[0] and "no heading #nothing-here" in links[1]
     assert "scrl_d2/no_such_module.py does not exist" in links[2]
     assert "scrl_d2.config.no_such_name is not a module of scrl_d2" in links[3]
+
+
+def test_figures_stated_twice_agree_with_each_other_and_with_the_code():
+    """The README repeats a few figures of the docs: the count of protocols (from the table
+    in the code), the paper's table (docs/transfer.md) and the demo's timings
+    (docs/getting_started.md): each copy says the same."""
+    from scrl_d2.transfer.protocols import PROTOCOLS
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    counts = re.findall(r"\b(\d+) protocols\b", readme)
+    assert counts and all(int(n) == len(PROTOCOLS) for n in counts), (counts, len(PROTOCOLS))
+
+    def table(text: str, header: str) -> List[str]:
+        lines = text.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith(header))
+        return list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
+
+    paper = "| row | pretraining config | paper: Faster box AP"
+    transfer = open(os.path.join(ROOT, "docs", "transfer.md")).read()
+    rows = table(readme, paper)
+    assert len(rows) == 7 and rows == table(transfer, paper)  # header, rule, 5 rows
+    started = open(os.path.join(ROOT, "docs", "getting_started.md")).read()
+    timings = re.findall(r"\d+ min \d+ s", readme)
+    assert len(timings) >= 4 and all(t in started for t in timings), timings

@@ -82,7 +82,7 @@ def family_cfg(family: str, mini: str, *opts):
 
 def training_batch(cfg, n: int = 2):
     """The first ``n`` training images as the fine-tuner's loader gives them (uint8 read
-    from disk by coco_data, targets in torchvision's format), scaled as its step does."""
+    from disk by torchvision_data, targets in torchvision's format), scaled as its step does."""
     from scrl_d2.data.catalog import set_datasets_root
     from scrl_d2.detection.torchvision_data import build_detection_dataset
 
@@ -511,7 +511,7 @@ def _audited(model, images, targets, dtype) -> BoxAudit:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_boxes_stay_float32_exact_and_in_their_image_under_autocast(mini, family, dtype):
     """A training and an inference forward of the family's protocol model on two of its
-    images (read from disk by coco_data), under autocast: every box, float32 and exact."""
+    images (read from disk by torchvision_data), under autocast: every box, float32 and exact."""
     from scrl_d2.detection.torchvision_model import build_torchvision_detector
 
     cfg = family_cfg(family, mini)

@@ -25,8 +25,8 @@ def _modules():
 
 def _import_graph():
     """module -> the scrl_d2 modules it imports, at any level (a lazy import inside a
-    function is an edge too). A module's own packages and sub-modules are not edges (a
-    package imports its parts, a part may read its package's constants)."""
+    function is an edge too). A part importing its own package is not an edge (Python
+    imports the package first); a package importing its parts is."""
     mods = _modules()
     graph = {m: set() for m in mods}
     for m, path in mods.items():
@@ -40,7 +40,7 @@ def _import_graph():
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             for t in targets:
-                if t in mods and t != m and not m.startswith(t + ".") and not t.startswith(m + "."):
+                if t in mods and t != m and not m.startswith(t + "."):
                     graph[m].add(t)
     return graph
 
@@ -116,7 +116,9 @@ def test_each_dataset_format_holds_what_both_paths_and_the_miniature_need():
     from scrl_d2.detection.catalog import DETECTION_DATASETS
     from scrl_d2.detection.formats import FORMATS, DatasetFormat, format_of_evaluator
 
-    assert list(FORMATS) == ["coco", "voc", "cityscapes", "lvis"]
+    modules = {f[:-3] for f in os.listdir(os.path.join(ROOT, "scrl_d2", "detection", "formats"))
+               if f.endswith(".py") and f != "__init__.py"}
+    assert set(FORMATS) == modules == {"coco", "voc", "cityscapes", "lvis"}  # each module registers its format
     for name, fmt in FORMATS.items():
         cls = type(fmt)
         assert cls.__module__ == f"scrl_d2.detection.formats.{name}", name  # one module per format
@@ -136,16 +138,46 @@ def test_the_suite_refuses_a_protocol_the_fine_tuning_path_cannot_run(tmp_path, 
     from scrl_d2.transfer import PROTOCOLS, TransferSuite
     from scrl_d2.utils.errors import InputValueError
 
+    from scrl_d2.detection import FINETUNE_BACKENDS
+
+    assert all(set(p.backends) <= set(FINETUNE_BACKENDS) for p in PROTOCOLS.values())
     d2_only = [p for p in PROTOCOLS.values() if p.backends == ("detectron2",)]
     both = [p for p in PROTOCOLS.values() if "torchvision" in p.backends]
     assert d2_only and both
     monkeypatch.setenv("SCRL_D2_BACKEND", "torchvision")
+    suite = TransferSuite(str(tmp_path / "s"), {"random": "random"}, [both[0], d2_only[0]])
     with pytest.raises(InputValueError, match=f"{d2_only[0].name} run.* on detectron2 only.*torchvision"):
-        TransferSuite(str(tmp_path / "s"), {"random": "random"}, [both[0], d2_only[0]])
-    TransferSuite(str(tmp_path / "s"), {"random": "random"}, both)  # accepted
-    TransferSuite(str(tmp_path / "s"), {"random": "random"}, d2_only, launcher="print")  # printed, not run here
-    with pytest.raises(SystemExit) as e:
-        main(["--output-dir", str(tmp_path / "t"), "--weights", "random=random", "--protocols", d2_only[0].name])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and "SCRL_D2_BACKEND=torchvision" in err[0]
-    assert not os.path.exists(tmp_path / "t")  # nothing written
+        suite.execute()
+    assert not os.path.exists(tmp_path / "s")  # refused before anything ran
+    for launcher in ("print", "slurm"):  # the commands may run where Detectron2 is installed
+        assert not TransferSuite(str(tmp_path / "p"), {"random": "random"}, d2_only, launcher=launcher).runs_here()
+    for argv in (["--protocols", d2_only[0].name], ["--protocols", d2_only[0].name, "--miniature", str(tmp_path / "m")]):
+        with pytest.raises(SystemExit) as e:
+            main(["--output-dir", str(tmp_path / "t"), "--weights", "random=random"] + argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "SCRL_D2_BACKEND=torchvision" in err[0], err
+        assert not os.path.exists(tmp_path / "t") and not os.path.exists(tmp_path / "m")  # nothing written
+    # results computed elsewhere are still tabulated here
+    main(["--output-dir", str(tmp_path / "t"), "--weights", "random=random", "--protocols", d2_only[0].name,
+          "--table-only"])
+    assert os.path.isfile(tmp_path / "t" / "table.md") and d2_only[0].title in capsys.readouterr().out
+
+
+def test_one_place_for_each_repeated_meaning():
+    """A config's datasets root, the CUDA fallback, the detection architectures, the NaN ->
+    null cleaning and the atomic write each live in one function, called from the places
+    that need them (not copied there)."""
+    calls = {}
+    for m, path in _modules().items():
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", getattr(node.func, "attr", ""))
+                calls.setdefault(name, set()).add(m)
+    assert calls["set_datasets_root"] == {"scrl_d2.data.catalog"}  # only through apply_datasets_root
+    assert calls["apply_datasets_root"] == {"scrl_d2.data.build", "scrl_d2.detection"}
+    sources = {m: open(p).read() for m, p in _modules().items()}
+    assert [m for m, s in sources.items() if '"GeneralizedRCNN", "RetinaNet"' in s] == ["scrl_d2.config.detection_defaults"]
+    assert [m for m, s in sources.items() if "no GPU is visible: running" in s] == ["scrl_d2.engine.defaults"]
+    assert [m for m, s in sources.items() if "allow_nan=False" in s] == ["scrl_d2.utils.fs"]  # strict JSON
+    assert [m for m, s in sources.items() if "tempfile.mkstemp(" in s] == ["scrl_d2.utils.fs"]  # atomic writes
+    assert [m for m, s in sources.items() if "def generate_once" in s] == ["scrl_d2.utils.fs"]

@@ -253,7 +253,7 @@ def test_num_gpus_must_be_positive(tmp_path, image_folder, n):
 
 
 def test_a_value_refused_at_start_up_writes_nothing(tmp_path, image_folder):
-    """The README's example of bad input: stopped before any process starts, so there is
+    """docs/troubleshooting.md's example of bad input: stopped before any process starts, so there is
     no log.txt to hold a traceback (nor anything else)."""
     out = tmp_path / "o"
     r = run_cli(*tiny_opts(f"classes:{image_folder}", str(out)), "SOLVER.IMS_PER_GPU", "0", check=False)

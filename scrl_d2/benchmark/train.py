@@ -30,6 +30,10 @@ class BenchmarkTrainer(PretrainTrainer):
         super().run_step(batch, data_time)
         self.pop_window()
 
+    def check_finite(self, when: str) -> None:
+        """Not timed: training checks the weights once per epoch (every ~5000 steps on
+        ImageNet), the benchmark's short epochs would put it among the measured steps."""
+
 
 def benchmark_config(cfg):
     """``cfg`` for a timed run: a temporary OUTPUT_DIR, no evaluation, k-NN or probe, no

@@ -14,8 +14,8 @@ from typing import Dict, Optional
 import torch
 
 from ..utils.errors import InputValueError
-from .io import load_checkpoint_file
 from ..utils.fs import atomic_write
+from .io import load_checkpoint_file
 from .layouts import LayoutError, d2_to_torchvision, extract_encoder, infer_resnet
 
 __all__ = ["convert_checkpoint", "output_format"]

@@ -77,9 +77,9 @@ def linear_evaluation(cfg, encoder, device, dtype) -> None:
 
 
 def _labelled(cfg) -> bool:
-    from scrl_d2.data import get_dataset_dicts
+    from scrl_d2.data import dataset_dicts_of
 
-    return get_dataset_dicts(cfg.DATASETS.TRAIN)[1] > 0
+    return dataset_dicts_of(cfg)[1] > 0
 
 
 def evaluate_checkpoint(cfg) -> None:

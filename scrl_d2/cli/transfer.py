@@ -139,8 +139,8 @@ def main(argv=None) -> None:
             out = os.path.abspath(args.output_dir or preset.default_output)
             protocols = select_protocols(args.protocols) if args.protocols else [get_protocol(n) for n in
                                                                                  preset.protocols]
-            if args.launcher != "print":
-                check_backends(protocols)  # before the demo pretraining
+            if not args.table_only and args.launcher in ("local", "torchrun"):
+                check_backends(protocols)  # before the demo pretraining and the miniature data
             formats = sorted({f for p in protocols for f in miniature_formats(p)})
             mini = make_miniature(args.miniature or os.path.join(out, "datasets"), formats) if preset.miniature else ""
             weights = parse_weights(args.weights) if args.weights else preset.weights(out)
@@ -148,6 +148,8 @@ def main(argv=None) -> None:
                                   launcher=args.launcher, miniature_root=mini, opts=list(preset.opts) + args.opts)
         else:
             protocols = select_protocols(args.protocols)
+            if not args.table_only and args.launcher in ("local", "torchrun"):
+                check_backends(protocols)  # before the miniature data
             mini = ""
             if args.miniature:
                 formats = sorted({f for p in protocols for f in miniature_formats(p)})

@@ -11,9 +11,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from scrl_d2.config import get_cfg
-from scrl_d2.data import PretrainDataset, TwoViewAugmentation, get_dataset_dicts
+from scrl_d2.data import PretrainDataset, TwoViewAugmentation, dataset_dicts_of
 from scrl_d2.data.boxes import BoxPairGenerator
-from scrl_d2.data.catalog import set_datasets_root
 from scrl_d2.data.datasets import PretrainCollate
 
 
@@ -50,8 +49,7 @@ def main() -> None:
     cfg = get_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    set_datasets_root(cfg.DATASETS.ROOT)
-    dicts, _ = get_dataset_dicts(cfg.DATASETS.TRAIN)
+    dicts, _ = dataset_dicts_of(cfg)
     gen = BoxPairGenerator.from_config(cfg)
     ds = PretrainDataset(dicts, TwoViewAugmentation.from_config(cfg), gen)
     collate = PretrainCollate(gen)

@@ -6,14 +6,9 @@ from typing import Any, Callable, Dict, Optional
 import yaml
 from fvcore.common.config import CfgNode as _FvCfgNode
 
-from ..utils.errors import InputValueError
+from ..utils.errors import ConfigError
 
 __all__ = ["CfgNode", "ConfigError", "get_cfg", "config_from_args", "add_scrl_config", "configurable", "check_config"]
-
-
-class ConfigError(InputValueError):
-    """A configuration file, key or value that cannot be used; the message names it (bad
-    input: one line and exit status 2)."""
 
 
 class CfgNode(_FvCfgNode):

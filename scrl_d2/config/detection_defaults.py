@@ -5,7 +5,10 @@ Detectron2 installed its own ``get_cfg()`` (a superset) is used instead;
 ``tests/test_detectron2.py`` checks this table against it key by key."""
 from fvcore.common.config import CfgNode as CN
 
-__all__ = ["detection_defaults"]
+__all__ = ["detection_defaults", "DETECTION_ARCHITECTURES"]
+
+# the MODEL.META_ARCHITECTUREs of Detectron2 that detection fine-tuning runs (both paths)
+DETECTION_ARCHITECTURES = ("GeneralizedRCNN", "RetinaNet")
 
 
 def detection_defaults() -> CN:

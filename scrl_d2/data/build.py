@@ -9,10 +9,10 @@ from ..utils import comm
 from ..utils.errors import InputValueError
 from .augment import TwoViewAugmentation
 from .boxes import BoxPairGenerator
-from .catalog import DatasetCatalog, MetadataCatalog, set_datasets_root
+from .catalog import DatasetCatalog, MetadataCatalog, apply_datasets_root
 from .datasets import EvalDataset, PretrainCollate, PretrainDataset, SeededSampler
 
-__all__ = ["get_dataset_dicts", "build_pretrain_loader", "build_eval_loader", "uses_boxes", "augment_on_device"]
+__all__ = ["get_dataset_dicts", "dataset_dicts_of", "build_pretrain_loader", "build_eval_loader", "uses_boxes", "augment_on_device"]
 
 logger = logging.getLogger("scrl_d2.data")
 
@@ -30,6 +30,13 @@ def get_dataset_dicts(names) -> Tuple[List[dict], int]:
         dicts.extend(d)
         num_classes = max(num_classes, getattr(MetadataCatalog.get(name), "num_classes", 0) or 0)
     return dicts, num_classes
+
+
+def dataset_dicts_of(cfg, names=None) -> Tuple[List[dict], int]:
+    """:func:`get_dataset_dicts` of ``names`` (default ``DATASETS.TRAIN``) with the config's
+    datasets root in effect."""
+    apply_datasets_root(cfg)
+    return get_dataset_dicts(cfg.DATASETS.TRAIN if names is None else names)
 
 
 def uses_boxes(cfg) -> bool:
@@ -68,8 +75,7 @@ def _loader_kwargs(cfg) -> dict:
 def build_pretrain_loader(cfg, seed: int) -> Tuple[DataLoader, SeededSampler, int]:
     """The two-view loader of this process, its sampler (``set_epoch`` each epoch) and
     the training set's number of classes."""
-    set_datasets_root(cfg.DATASETS.ROOT)
-    dicts, num_classes = get_dataset_dicts(cfg.DATASETS.TRAIN)
+    dicts, num_classes = dataset_dicts_of(cfg)
     boxes = BoxPairGenerator.from_config(cfg) if uses_boxes(cfg) else None
     dataset = PretrainDataset(
         dicts, TwoViewAugmentation.from_config(cfg), boxes,
@@ -86,8 +92,7 @@ def build_pretrain_loader(cfg, seed: int) -> Tuple[DataLoader, SeededSampler, in
 
 def build_eval_loader(cfg, name: str) -> DataLoader:
     """Centre-crop loader over ``name``, sharded across processes (no padding)."""
-    set_datasets_root(cfg.DATASETS.ROOT)
-    dicts, _ = get_dataset_dicts((name,))
+    dicts, _ = dataset_dicts_of(cfg, (name,))
     shard = dicts[comm.get_rank()::comm.get_world_size()]
     size = cfg.INPUT.CROP_SIZE
     dataset = EvalDataset(shard, size, int(round(size * 256 / 224)), cfg.INPUT.INTERPOLATION,

@@ -15,7 +15,7 @@ from .index import shared_index
 
 __all__ = [
     "DatasetCatalog", "MetadataCatalog", "IMAGE_EXTENSIONS", "get_datasets_root",
-    "set_datasets_root", "list_images", "class_folder_dicts", "image_folder_dicts",
+    "set_datasets_root", "apply_datasets_root", "list_images", "class_folder_dicts", "image_folder_dicts",
     "register_image_folder",
 ]
 
@@ -27,6 +27,14 @@ def set_datasets_root(root: str) -> None:
     """Root of the standard layouts; empty restores the environment default."""
     global _ROOT
     _ROOT = root or None
+
+
+def apply_datasets_root(cfg) -> None:
+    """The one place a config's ``DATASETS.ROOT`` takes effect (empty: ``$SCRL_DATASETS``,
+    ``$DETECTRON2_DATASETS`` or ``datasets``): the data entry points call it before they
+    resolve a built-in name (:func:`scrl_d2.data.build.dataset_dicts_of`,
+    :func:`scrl_d2.detection.run_finetune`)."""
+    set_datasets_root(cfg.DATASETS.ROOT)
 
 
 def get_datasets_root() -> str:

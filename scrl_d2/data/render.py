@@ -1,9 +1,10 @@
-"""The one renderer of generated images: textured backgrounds and the four shapes.
+"""The shared renderer of generated images: textured backgrounds and the four shapes.
 
 The demo images (:mod:`.demo`), the built-in detection data
-(:mod:`scrl_d2.detection.synthetic`), the miniature benchmark datasets
-(:mod:`scrl_d2.transfer.miniature`) and the study's scenes (:mod:`.scenes`) all draw with
-these functions, so a change of look is made once. Every function draws from the ``rng``
+(:mod:`scrl_d2.detection.synthetic`) and the miniature benchmark datasets
+(:mod:`scrl_d2.transfer.miniature`) draw their backgrounds and shapes with these
+functions; the study's scenes (:mod:`.scenes`) draw their backgrounds with it and their own
+rotated, stretched outlines (:func:`scrl_d2.data.scenes.scene_polygon`). Every function draws from the ``rng``
 it is given, in a fixed order: the same seed gives the same pixels.
 """
 import math

@@ -23,9 +23,9 @@ from typing import Dict, List, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..utils.fs import generate_once
 from . import catalog
 from .render import background
-from ..utils.fs import generate_once
 
 __all__ = ["SCENE_CLASSES", "SceneSet", "SCENE_SETS", "scene_root", "ensure_scene_set", "render_scene",
            "scene_polygon"]

@@ -1,17 +1,14 @@
 """Detection fine-tuning: Detectron2's trainer when installed, else torchvision's models."""
-from typing import Dict
+from typing import Callable, Dict
 
-# the META_ARCHITECTUREs of Detectron2 that fine-tuning runs (both paths); defined before
-# the submodules are imported, which read it
-DETECTION_ARCHITECTURES = ("GeneralizedRCNN", "RetinaNet")
+from ..backend import backend_name, use_detectron2
+from ..config.detection_defaults import DETECTION_ARCHITECTURES
+from ..utils.errors import InputFileNotFoundError
+from . import builtin  # noqa: F401  (registers the built-in detection datasets)
+from .catalog import get_coco_json, register_coco_json
+from .synthetic import ensure_synthetic_detection
 
-from ..backend import use_detectron2  # noqa: E402
-from ..utils.errors import InputFileNotFoundError  # noqa: E402
-from . import builtin  # noqa: E402,F401  (registers the built-in detection datasets)
-from .catalog import get_coco_json, register_coco_json  # noqa: E402
-from .synthetic import ensure_synthetic_detection  # noqa: E402
-
-__all__ = ["DETECTION_ARCHITECTURES", "is_detection_config", "check_finetune_config", "run_finetune",
+__all__ = ["DETECTION_ARCHITECTURES", "FINETUNE_BACKENDS", "is_detection_config", "check_finetune_config", "run_finetune",
            "register_coco_json", "get_coco_json", "ensure_synthetic_detection"]
 
 
@@ -29,15 +26,13 @@ def check_finetune_config(cfg) -> None:
         check_torchvision_keys(cfg)
 
 
-def run_finetune(cfg, resume: bool = False, eval_only: bool = False) -> Dict:
-    """Train (or only evaluate) a detector; returns the COCO results of DATASETS.TEST."""
-    from ..data.catalog import set_datasets_root
+def _run_detectron2(cfg, resume: bool, eval_only: bool) -> Dict:
+    from .d2_finetune import run_detectron2
 
-    set_datasets_root(cfg.DATASETS.ROOT)  # DATASETS.ROOT, else $SCRL_DATASETS / $DETECTRON2_DATASETS
-    if use_detectron2():
-        from .d2_finetune import run_detectron2
+    return run_detectron2(cfg, resume, eval_only)
 
-        return run_detectron2(cfg, resume, eval_only)
+
+def _run_torchvision(cfg, resume: bool, eval_only: bool) -> Dict:
     from .torchvision_finetune import TorchvisionDetectionTrainer
 
     trainer = TorchvisionDetectionTrainer(cfg)
@@ -49,3 +44,16 @@ def run_finetune(cfg, resume: bool = False, eval_only: bool = False) -> Dict:
         return trainer.evaluate(tag="eval-only")
     trainer.resume_or_load(resume=resume)
     return trainer.train()
+
+
+# The fine-tuning backends by name (scrl_d2.backend chooses one; each protocol lists those it
+# runs on): a runner (cfg, resume, eval_only) -> results of DATASETS.TEST.
+FINETUNE_BACKENDS: Dict[str, Callable[..., Dict]] = {"detectron2": _run_detectron2, "torchvision": _run_torchvision}
+
+
+def run_finetune(cfg, resume: bool = False, eval_only: bool = False) -> Dict:
+    """Train (or only evaluate) a detector; returns the COCO results of DATASETS.TEST."""
+    from ..data.catalog import apply_datasets_root
+
+    apply_datasets_root(cfg)  # DATASETS.ROOT, else $SCRL_DATASETS / $DETECTRON2_DATASETS
+    return FINETUNE_BACKENDS[backend_name()](cfg, resume, eval_only)

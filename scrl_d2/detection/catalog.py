@@ -53,7 +53,7 @@ def register_dataset(ds: DetectionDataset) -> None:
 
         if ds.name not in DatasetCatalog.list():
             if ds.kind == "coco":  # paths resolved when first read
-                DatasetCatalog.register(ds.name, ds.format.detectron2_loader(ds, {}, {}))
+                DatasetCatalog.register(ds.name, ds.format.detectron2_loader(ds, {}, {}, _resolver(ds.name)))
                 meta = MetadataCatalog.get(ds.name)
                 if not hasattr(meta, "evaluator_type"):
                     meta.set(evaluator_type=ds.evaluator)
@@ -101,6 +101,10 @@ def get_coco_json(name: str) -> Tuple[str, str]:
     return paths.get("json_file", ""), paths.get("image_root", paths.get("dirname", ""))
 
 
+def _resolver(name: str) -> Callable[[], Tuple[DetectionDataset, Dict[str, str]]]:
+    return lambda: (get_dataset(name), check_dataset_files(name))
+
+
 def _point_detectron2_at(ds: DetectionDataset, paths: Dict[str, str]) -> None:
     """Make Detectron2's catalogs read ``ds`` from ``paths``. Detectron2 refuses to change
     a metadata path: re-register the name (keeping its other metadata) when ours differ."""
@@ -116,6 +120,6 @@ def _point_detectron2_at(ds: DetectionDataset, paths: Dict[str, str]) -> None:
     if ds.name in DatasetCatalog.list():
         DatasetCatalog.remove(ds.name)
     MetadataCatalog.remove(ds.name)
-    DatasetCatalog.register(ds.name, ds.format.detectron2_loader(ds, paths, kept))
+    DatasetCatalog.register(ds.name, ds.format.detectron2_loader(ds, paths, kept, _resolver(ds.name)))
     MetadataCatalog.get(ds.name).set(**paths, evaluator_type=ds.evaluator,
                                      **{k: v for k, v in kept.items() if k != "evaluator_type"})

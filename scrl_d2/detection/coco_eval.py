@@ -13,9 +13,9 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
-from ..utils.fs import atomic_write
 from ..utils import comm
 from ..utils.errors import InputValueError
+from ..utils.fs import atomic_write
 
 __all__ = ["predictions_to_coco", "evaluate_predictions", "print_results", "METRICS"]
 

@@ -17,15 +17,14 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import SafeLoading, atomic_torch_save
-
-from ..utils.fs import atomic_write, finite_json
-from ..engine.defaults import TrainingDiverged, resolve_device
+from ..engine.defaults import TrainingDiverged, available_device
 from ..engine.preemption import StopSignals, TrainingInterrupted
 from ..engine.rng import rng_state, set_rng_state
 from ..modeling.layers import cpu_capable_sync_bn
 from ..utils import comm
 from ..utils.errors import InputFileNotFoundError, InputValueError
 from ..utils.events import history_state, restore_history
+from ..utils.fs import atomic_write, finite_json
 from .formats import format_of_evaluator
 from .sampler import SeededItems, TrainingBatches, ignore_stop_signals
 
@@ -373,7 +372,8 @@ def run_detectron2(cfg, resume: bool, eval_only: bool) -> Dict:
     if cfg.MODEL.WEIGHTS and not cfg.MODEL.WEIGHTS.startswith(("detectron2://", "http")) \
             and not os.path.isfile(cfg.MODEL.WEIGHTS):
         raise InputFileNotFoundError(f"MODEL.WEIGHTS: file not found: {cfg.MODEL.WEIGHTS}")
-    if resolve_device(cfg).type != cfg.MODEL.DEVICE.split(":")[0]:  # no GPU visible: warned, on the CPU
+    device = available_device(cfg.MODEL.DEVICE)
+    if device != cfg.MODEL.DEVICE:  # no GPU visible: warned, on the CPU
         cfg = cfg.clone()
         cfg.defrost()
         cfg.MODEL.DEVICE = "cpu"

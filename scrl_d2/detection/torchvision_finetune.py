@@ -12,8 +12,6 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpointer
-
-from ..utils.fs import atomic_write, finite_json
 from ..engine.ddp import create_ddp_model
 from ..engine.defaults import resolve_device
 from ..engine.hooks import EventWriters, HookBase, IterationCheckpointer, StepMetrics, default_writers
@@ -21,10 +19,11 @@ from ..engine.step import amp_dtype, build_grad_scaler, optimization_step
 from ..engine.train_loop import TrainerBase
 from ..utils import comm
 from ..utils.errors import InputValueError
+from ..utils.fs import atomic_write, finite_json
 from .coco_eval import predictions_to_coco
 from .formats import get_format
-from .torchvision_data import build_detection_dataset, collate
 from .sampler import SeededItems, TrainingBatches, ignore_stop_signals
+from .torchvision_data import build_detection_dataset, collate
 from .torchvision_model import build_torchvision_detector, load_detector_weights
 
 __all__ = ["TorchvisionDetectionTrainer", "lr_at"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 from ..config import ConfigError
-from . import DETECTION_ARCHITECTURES
+from ..config.detection_defaults import DETECTION_ARCHITECTURES
 
 __all__ = ["KeyRule", "TORCHVISION_KEYS", "check_torchvision_keys"]
 

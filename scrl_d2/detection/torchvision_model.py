@@ -35,9 +35,9 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 
 from ..checkpoint import LayoutError, d2_to_torchvision, extract_encoder, load_checkpoint_file, load_pickle_file
 from ..config import ConfigError
+from ..config.detection_defaults import DETECTION_ARCHITECTURES
 from ..modeling.layers import SyncBatchNorm
 from ..utils.errors import InputFileNotFoundError, InputValueError
-from . import DETECTION_ARCHITECTURES
 from .torchvision_keys import check_torchvision_keys
 
 __all__ = ["build_torchvision_detector", "norm_layer", "load_detector_weights", "DETECTION_ARCHITECTURES",

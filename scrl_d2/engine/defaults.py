@@ -13,14 +13,13 @@ import torch
 import yaml
 
 from ..checkpoint import UNSAFE_LOAD_ENV, has_run_checkpoint
-
-from ..utils.fs import atomic_write
 from ..utils import comm
 from ..utils.errors import InputValueError, bad_input_cause
+from ..utils.fs import atomic_write
 from ..utils.logger import setup_logger
 
 __all__ = ["ArgumentParser", "default_argument_parser", "default_setup", "resolve_output_dir", "seed_all_rng",
-           "resolve_device",
+           "resolve_device", "available_device",
            "run_main", "TrainingDiverged", "EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_FAILED", "EXIT_PEER_LOST",
            "EXIT_INTERRUPTED"]
 
@@ -337,13 +336,18 @@ def seed_all_rng(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def available_device(name: str) -> str:
+    """``name`` (MODEL.DEVICE), or ``"cpu"`` with a warning where it asks for a GPU and none
+    is visible: the one CUDA -> CPU fallback of both pretraining and fine-tuning."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger("scrl_d2").warning(f"MODEL.DEVICE is {name!r} but no GPU is visible: running on the CPU")
+        return "cpu"
+    return name
+
+
 def resolve_device(cfg) -> torch.device:
-    logger = logging.getLogger("scrl_d2")
-    name = cfg.MODEL.DEVICE
+    name = available_device(cfg.MODEL.DEVICE)
     if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            logger.warning(f"MODEL.DEVICE is {name!r} but no GPU is visible: running on the CPU")
-            return torch.device("cpu")
         return torch.device("cuda", comm.get_local_rank()) if comm.get_world_size() > 1 else torch.device(name)
     if name != "cpu":
         raise InputValueError(f"MODEL.DEVICE: unknown device {name!r}; use 'cuda' or 'cpu'")

@@ -18,10 +18,9 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import prune_epoch_checkpoints
-
-from ..utils.fs import WriteError, atomic_write
 from ..utils import comm
 from ..utils.events import CommonMetricPrinter, EventWriter, HookBase, JSONWriter, TensorboardXWriter
+from ..utils.fs import WriteError, atomic_write
 
 __all__ = ["HookBase", "StepMetrics", "EventWriters", "EpochCheckpointer", "IterationCheckpointer",
            "ProbeEvaluator", "KnnMonitor", "ThroughputTimer", "default_writers"]

@@ -15,9 +15,9 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from ..utils.fs import WriteError
 from ..utils import comm
 from ..utils.events import EventStorage, history_state, restore_history
+from ..utils.fs import WriteError
 from .defaults import TrainingDiverged
 from .hooks import EventWriters, HookBase, StepMetrics, hook_states
 from .preemption import StopSignals

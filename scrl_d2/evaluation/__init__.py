@@ -7,8 +7,7 @@ from typing import Dict, Optional
 import torch
 
 from ..checkpoint import Checkpointer, LayoutError, extract_encoder, infer_resnet, load_checkpoint_file
-from ..data import build_eval_loader, get_dataset_dicts
-from ..data.catalog import set_datasets_root
+from ..data import build_eval_loader, dataset_dicts_of
 from ..modeling import build_backbone
 from ..utils import comm
 from ..utils.errors import InputFileNotFoundError, InputValueError
@@ -68,8 +67,7 @@ def random_encoder(cfg, seed: Optional[int] = None) -> Encoder:
 @torch.no_grad()
 def run_knn(cfg, encoder: Encoder, device: torch.device, dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
     """Weighted k-NN top-1 of DATASETS.TEST[0] against DATASETS.TRAIN[0] (centre crops)."""
-    set_datasets_root(cfg.DATASETS.ROOT)
-    _, num_classes = get_dataset_dicts(cfg.DATASETS.TRAIN[:1])
+    _, num_classes = dataset_dicts_of(cfg, cfg.DATASETS.TRAIN[:1])
     was = encoder.training
     encoder.eval()
     ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)

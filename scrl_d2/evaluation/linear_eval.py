@@ -19,16 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import Checkpointer, prune_epoch_checkpoints
-
-from ..utils.fs import atomic_write
-from ..data import build_eval_loader, get_dataset_dicts
+from ..data import build_eval_loader, dataset_dicts_of
 from ..data.build import _loader_kwargs
-from ..data.catalog import set_datasets_root
 from ..data.classification import LinearTrainDataset
 from ..data.datasets import SeededSampler
 from ..solver import LARS, warmup_cosine
 from ..utils import comm
 from ..utils.errors import InputValueError
+from ..utils.fs import atomic_write
 from .knn import extract_features
 
 __all__ = ["Encoder", "LinearEvaluator"]
@@ -64,8 +62,7 @@ class LinearEvaluator:
         self.output_dir = output_dir or os.path.join(cfg.OUTPUT_DIR, "linear_eval")
         self.label = label  # e.g. "random init" (TEST.RANDOM_BASELINE): named in the result line
         self.world = comm.get_world_size()
-        set_datasets_root(cfg.DATASETS.ROOT)
-        dicts, num_classes = get_dataset_dicts(cfg.DATASETS.TRAIN)
+        dicts, num_classes = dataset_dicts_of(cfg)
         if num_classes <= 0:
             raise InputValueError(f"linear evaluation needs labelled training data; {cfg.DATASETS.TRAIN} has no "
                                   "classes")

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
+from ..detection import FINETUNE_BACKENDS
 from ..utils.errors import InputKeyError
 
 __all__ = ["Protocol", "PROTOCOLS", "get_protocol", "CONFIGS_DIR", "GROUPS", "BACKENDS"]
@@ -26,7 +27,7 @@ CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pa
 GROUPS = {"paper": "The SCRL paper's protocols", "moco": "The field's standard protocols (MoCo's)",
           "beyond": "Beyond the paper", "option": "Other conventions (not the paper's protocol)"}
 
-BACKENDS = BOTH = ("detectron2", "torchvision")  # the fine-tuning paths (scrl_d2.backend)
+BACKENDS = BOTH = tuple(FINETUNE_BACKENDS)  # the fine-tuning paths (scrl_d2.backend chooses one)
 D2 = ("detectron2",)
 
 # Detectron2 model zoo training speed on 8 V100s (s/iteration, MODEL_ZOO.md), per model

@@ -29,8 +29,8 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Tuple
 
-from ..utils.fs import atomic_write
 from ..utils.errors import InputKeyError, InputValueError
+from ..utils.fs import atomic_write
 from .protocols import CONFIGS_DIR, Protocol
 from .suite import RANDOM_INIT, TRAIN_NET, TransferSuite, call_forwarding_signals, timed, wall_time
 
@@ -213,14 +213,12 @@ class Study:
                 return json.load(f)
         import torch
 
-        from ..data.catalog import set_datasets_root
         from ..evaluation import Encoder, LinearEvaluator, encoder_from_checkpoint, run_knn
         from ..modeling import build_backbone
 
         cfg = self.probe_config()
         cfg.OUTPUT_DIR = d
         cfg.freeze()
-        set_datasets_root(cfg.DATASETS.ROOT)
         os.makedirs(d, exist_ok=True)
         with timed(d):
             torch.manual_seed(self.design.probe_seed)

@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..utils.fs import atomic_write, finite_json
 from ..utils.errors import InputFileNotFoundError, InputValueError
+from ..utils.fs import atomic_write, finite_json
 from .miniature import miniature_overrides
 from .protocols import Protocol
 
@@ -121,8 +121,6 @@ class TransferSuite:
                 raise InputFileNotFoundError(f"--weights {name}={path}: file not found")
         if trials is not None and trials < 1:
             raise InputValueError(f"--trials {trials}: expected 1 or more")
-        if launcher != "print":  # printed commands may run elsewhere
-            check_backends(protocols)
         self.output_dir = os.path.abspath(output_dir)
         self.checkpoints, self.protocols = dict(checkpoints), list(protocols)
         self.trials, self.max_trials, self.num_gpus, self.launcher = trials, max_trials, num_gpus, launcher
@@ -179,8 +177,16 @@ class TransferSuite:
         return [self.python, *TRAIN_NET] + args + ["--num-gpus", str(self.num_gpus)] + opts
 
     # ------------------------------------------------------------------ running
+    def runs_here(self) -> bool:
+        """Whether the runs run in this environment (printed commands and SLURM jobs may run
+        where another fine-tuning path is installed)."""
+        return self.launcher in ("local", "torchrun")
+
     def execute(self) -> Dict[str, List[TransferRun]]:
-        """Run (or print, or submit) every incomplete run; returns runs by state."""
+        """Run (or print, or submit) every incomplete run; returns runs by state. A protocol
+        that this environment's fine-tuning path cannot run is refused before anything runs."""
+        if self.runs_here():
+            check_backends(self.protocols)
         self.convert_weights()
         state: Dict[str, List[TransferRun]] = {"complete": [], "ran": [], "failed": [], "submitted": [],
                                                "printed": []}

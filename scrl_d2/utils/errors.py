@@ -10,7 +10,7 @@ catch it.
 """
 from typing import Optional
 
-__all__ = ["BadInput", "InputValueError", "InputKeyError", "InputFileNotFoundError", "InputImportError",
+__all__ = ["ConfigError", "BadInput", "InputValueError", "InputKeyError", "InputFileNotFoundError", "InputImportError",
            "bad_input_cause", "is_bad_input"]
 
 
@@ -54,3 +54,8 @@ def bad_input_cause(e: BaseException) -> Optional[BadInput]:
 
 def is_bad_input(e: BaseException) -> bool:
     return bad_input_cause(e) is not None
+
+
+class ConfigError(InputValueError):
+    """A configuration file, key or value that cannot be used; the message names it (bad
+    input: one line and exit status 2)."""

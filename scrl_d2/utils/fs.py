@@ -67,7 +67,7 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb", size
             free = shutil.disk_usage(directory).free
             need = f", about {_gib(size_hint)} needed" if size_hint else ""
             raise WriteError(f"cannot write {path}: {e} ({_gib(free)} free in {directory}{need}); "
-                                       "the previous file of that name, if any, is intact") from e
+                             "the previous file of that name, if any, is intact") from e
         raise
 
 

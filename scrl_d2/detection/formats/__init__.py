@@ -28,9 +28,12 @@ class DatasetFormat:
     def prepare_detectron2(self) -> None:
         """Work-arounds to apply before Detectron2 reads or evaluates this format."""
 
-    def detectron2_loader(self, ds, paths: Dict[str, str], metadata: Dict) -> Callable[[], List[dict]]:
-        """The function Detectron2's ``DatasetCatalog`` registers for ``ds`` (may complete
-        ``metadata``, the name's other metadata, which is set after)."""
+    def detectron2_loader(self, ds, paths: Dict[str, str], metadata: Dict,
+                          resolve: Callable[[], Tuple]) -> Callable[[], List[dict]]:
+        """The function Detectron2's ``DatasetCatalog`` registers for ``ds``: it may bind
+        ``paths`` (the files now) or call ``resolve()`` when Detectron2 reads the dataset
+        (``(dataset, checked paths)`` looked up again by name); it may complete ``metadata``
+        (the name's other metadata, set after)."""
         raise NotImplementedError
 
     def build_evaluator(self, dataset_name: str, output_dir: str):
@@ -82,4 +85,14 @@ def format_of_evaluator(evaluator_type: str) -> DatasetFormat:
                           f"{', '.join(f.evaluator_type for f in FORMATS.values())} datasets")
 
 
-from . import coco, voc, cityscapes, lvis  # noqa: E402,F401,I001  (register the formats, in this order)
+def _register_all() -> None:
+    """Import every module of this package: each registers its format (a new format is a
+    new module, nothing else)."""
+    import importlib
+    import pkgutil
+
+    for m in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{m.name}")
+
+
+_register_all()

@@ -24,7 +24,7 @@ class CityscapesFormat(DatasetFormat):
         numpy_compat()
         alias_cityscapesscripts()
 
-    def detectron2_loader(self, ds, paths, metadata):
+    def detectron2_loader(self, ds, paths, metadata, resolve):
         from detectron2.data.datasets.cityscapes import load_cityscapes_instances
 
         from ..d2_compat import alias_cityscapesscripts

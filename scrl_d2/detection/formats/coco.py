@@ -48,14 +48,11 @@ def _keypoints(ann: Dict) -> List[float]:
     return kps
 
 
-def _load_detectron2(name: str):
+def _load_detectron2(resolve):
     from detectron2.data.datasets import load_coco_json
 
-    from ..catalog import check_dataset_files, get_dataset
-
-    ds = get_dataset(name)
-    paths = check_dataset_files(name)
-    dicts = load_coco_json(paths["json_file"], paths["image_root"], name)
+    ds, paths = resolve()  # the registration now, not when Detectron2 registered the name
+    dicts = load_coco_json(paths["json_file"], paths["image_root"], ds.name)
     if ds.keep is not None:
         ids = sorted(d["image_id"] for d in dicts)
         kept = {ids[i] for i in ds.keep(len(ids))}
@@ -68,11 +65,11 @@ class COCOFormat(DatasetFormat):
     evaluator_type = "coco"
     torchvision = True
 
-    def detectron2_loader(self, ds, paths, metadata):
+    def detectron2_loader(self, ds, paths, metadata, resolve):
         # class lists come from the json again (load_coco_json sets them)
         for k in [k for k in metadata if k.startswith("thing_")]:
             del metadata[k]
-        return lambda name=ds.name: _load_detectron2(name)
+        return lambda: _load_detectron2(resolve)
 
     def build_evaluator(self, dataset_name, output_dir):
         from detectron2.evaluation import COCOEvaluator

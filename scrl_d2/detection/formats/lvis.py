@@ -23,7 +23,7 @@ class LVISFormat(DatasetFormat):
 
         numpy_compat()
 
-    def detectron2_loader(self, ds, paths, metadata):
+    def detectron2_loader(self, ds, paths, metadata, resolve):
         from detectron2.data.datasets.lvis import load_lvis_json
 
         # load_lvis_json joins image_root and the coco_url's folder as strings

@@ -165,7 +165,7 @@ class VOCFormat(DatasetFormat):
     evaluator_type = "pascal_voc"
     torchvision = True
 
-    def detectron2_loader(self, ds, paths, metadata):
+    def detectron2_loader(self, ds, paths, metadata, resolve):
         from detectron2.data.datasets.pascal_voc import load_voc_instances
 
         classes = metadata.pop("thing_classes", list(VOC_CLASSES))
