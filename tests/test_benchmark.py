@@ -139,3 +139,39 @@ def test_synthetic_batch_is_a_loader_batch():
     b = synthetic_batch(cfg, torch.device("cpu"))
     assert b["view1"].shape == (8, 3, 64, 64) and b["view1"].dtype == torch.uint8
     assert b["boxes1"].shape[:2] == b["box_valid"].shape and b["pair_index"].numel() == int(b["box_valid"].sum())
+
+
+def test_data_per_core_side_by_side(tmp_path):
+    """``data --per-core --official-scrl CHECKOUT``: ours (CPU path, and the split path's CPU
+    side) and the release's recipe imported from the checkout (here a stand-in with the
+    release's module layout and functions), on the same photograph-like 500x375 JPEGs of
+    about 100 KB, one core each; the ratios are computed from the rows."""
+    fake = tmp_path / "scrl"
+    (fake / "augment").mkdir(parents=True)
+    (fake / "augment" / "__init__.py").write_text("")
+    (fake / "augment" / "getters.py").write_text(
+        "from torchvision import transforms as T\n"
+        "def _views(input_size=224, crop_scale=(0.08, 1.0), with_trans_info=False):\n"
+        "    return T.Compose([T.RandomResizedCrop(input_size, scale=crop_scale), T.ToTensor()])\n"
+        "get_simclr_transforms_for_view_1 = get_simclr_transforms_for_view_2 = _views\n")
+    res, stdout = bench(tmp_path, "data", *TINY, "--per-core", "--official-scrl", str(fake), "--num-images", "24",
+                        "--per-core-images", "24", "--rounds", "1", "--batch", "8")
+    rows = res["rows"]
+    assert [r["settings"]["generator"] for r in rows] == ["scrl_d2 cpu", "scrl_d2 split (CPU side)",
+                                                           f"official ({fake})"]
+    for r in rows:
+        assert r["settings"]["cores"] == 1 and r["img_per_s_per_core"] > 0
+        assert abs(r["ms_per_image"] * r["img_per_s_per_core"] - 1e3) < 1e-6 * 1e3
+    for r in rows[:2]:
+        assert r["vs_official"] == pytest.approx(r["img_per_s_per_core"] / rows[2]["img_per_s_per_core"])
+    assert "vs_official" in stdout
+    folder = os.path.join(str(tmp_path), "scrl_bench_jpegs_24")
+    sizes = [os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".jpg")]
+    assert len(sizes) == 24 and 70e3 < statistics.mean(sizes) < 140e3  # as ImageNet's average file
+
+
+def test_official_data_needs_per_core_and_a_checkout(tmp_path):
+    for args in (["--official-scrl", str(tmp_path)], ["--per-core", "--official-scrl", str(tmp_path / "none")]):
+        r = subprocess.run([sys.executable, BENCH, "data", *args], capture_output=True, text=True, cwd=ROOT)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "--official-scrl" in lines[0], r.stderr

@@ -13,10 +13,11 @@ is the command line over these functions; each returns rows (dicts) that it prin
 * :mod:`.data`: the loader alone, the box-pair generator, the dataset index's start-up.
 """
 from .common import machine, release_geometries, settings, synthetic_batch
-from .data import bench_boxes, bench_data, bench_index
+from .data import bench_boxes, bench_data, bench_index, bench_per_core, one_core
 from .steps import PARITY_VARIANTS, bench_model, bench_parity, default_parity_variants, run_steps
 from .train import BenchmarkTrainer, bench_train, benchmark_config, time_training
 
 __all__ = ["machine", "release_geometries", "settings", "synthetic_batch", "bench_boxes", "bench_data", "bench_index",
+           "bench_per_core", "one_core",
            "PARITY_VARIANTS", "bench_model", "bench_parity", "default_parity_variants", "run_steps",
            "BenchmarkTrainer", "bench_train", "benchmark_config", "time_training"]

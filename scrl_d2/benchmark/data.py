@@ -1,23 +1,26 @@
 """The data path alone: the loader (``data``), the box-pair generator (``boxes``) and the
 dataset index's start-up (``index``)."""
+import contextlib
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from typing import List
+from typing import Callable, List
 
 import numpy as np
 import torch
 
 from ..data import build_pretrain_loader
 from ..data.boxes import BoxPairGenerator
-from ..data.build import augment_on_device
+from ..data.augment import TwoViewAugmentation
+from ..data.build import augment_on_device, uses_boxes
+from ..data.datasets import PretrainCollate, PretrainDataset
 from ..data.gpu_augment import BatchedAugmentation
 from .common import bench_device, release_geometries, settings, sync
 
-__all__ = ["bench_boxes", "bench_data", "bench_index"]
+__all__ = ["bench_boxes", "bench_data", "bench_index", "bench_per_core", "one_core"]
 
 
 def bench_boxes(cfg, iters: int, official: str = "") -> List[dict]:
@@ -89,6 +92,96 @@ def bench_data(cfg, workers, iters: int, warmup: int) -> List[dict]:
         step = statistics.median(times)
         rows.append({"mode": "data", "settings": settings(c), "img_per_s": c.SOLVER.IMS_PER_GPU / step,
                      "step_ms_median": step * 1e3})
+    return rows
+
+
+@contextlib.contextmanager
+def one_core():
+    """This process on one CPU core with one torch thread (restored after): a per-core
+    figure, whatever the machine."""
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    threads = torch.get_num_threads()
+    if cores:
+        os.sched_setaffinity(0, {min(cores)})
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if cores:
+            os.sched_setaffinity(0, cores)
+
+
+def official_two_views(cfg, official: str) -> Callable[[str], object]:
+    """The release's loading of one training image (torchvision's ImageFolder loader) and
+    its two views (``augment.getters`` of the checkout ``official``, imported, as its
+    ``MultiViewDataInjector`` applies them), for the recipe of ``cfg``."""
+    from torchvision.datasets.folder import pil_loader
+
+    sys.path.insert(0, os.path.expanduser(official))
+    from augment.getters import get_simclr_transforms_for_view_1, get_simclr_transforms_for_view_2
+
+    kw = dict(input_size=cfg.INPUT.CROP_SIZE, crop_scale=tuple(cfg.INPUT.CROP_SCALE),
+              with_trans_info=uses_boxes(cfg))
+    t1, t2 = get_simclr_transforms_for_view_1(**kw), get_simclr_transforms_for_view_2(**kw)
+
+    def load(path: str):
+        img = pil_loader(path)
+        return t1(img), t2(img)
+    return load
+
+
+def bench_per_core(cfg, dicts: List[dict], rounds: int, official: str = "") -> List[dict]:
+    """Images/s on one core of a worker's whole CPU data path, in alternating rounds on the
+    same files (the median round of each):
+
+    - ``scrl_d2 cpu``: read, decode, two views, and the batch's box pairs in the collate;
+    - ``scrl_d2 split``: the same with the colour operations left to the device
+      (INPUT.AUGMENT_DEVICE split): its CPU side;
+    - with ``official`` (a checkout of kakaobrain/scrl): the release's read, decode and two
+      views (its ToTensor and Normalize included; its box pairs, drawn later in the main
+      process, and its collate not counted: in its favour)."""
+    boxes = BoxPairGenerator.from_config(cfg) if uses_boxes(cfg) else None
+    collate = PretrainCollate(boxes)
+    batch = cfg.SOLVER.IMS_PER_GPU
+
+    def ours(split: bool):
+        dataset = PretrainDataset(dicts, TwoViewAugmentation.from_config(cfg), boxes,
+                                  require_overlap=cfg.MODEL.SCRL.REQUIRE_OVERLAP,
+                                  max_crop_tries=cfg.MODEL.SCRL.MAX_CROP_TRIES, jpeg_draft=cfg.INPUT.JPEG_DRAFT,
+                                  exif_transpose=cfg.INPUT.EXIF_TRANSPOSE, photometric_on_device=split)
+
+        def run(r: int) -> None:
+            samples = []
+            for i in range(len(dicts)):
+                samples.append(dataset[(i, r * len(dicts) + i)])
+                if len(samples) == batch or i == len(dicts) - 1:
+                    collate(samples)
+                    samples = []
+        return run
+
+    runs = {"scrl_d2 cpu": ours(False), "scrl_d2 split (CPU side)": ours(True)}
+    if official:
+        load = official_two_views(cfg, official)
+        runs[f"official ({official})"] = lambda r: [load(d["file_name"]) for d in dicts]
+    times = {k: [] for k in runs}
+    with one_core():
+        for r in range(rounds + 1):  # round 0 warms the file cache and the code paths
+            for name, run in runs.items():
+                t = time.perf_counter()
+                run(r)
+                if r:
+                    times[name].append(time.perf_counter() - t)
+    rows = []
+    st = {k: v for k, v in settings(cfg).items() if k not in ("workers", "augment_device")}  # one worker's work
+    for name, ts in times.items():
+        per_image = statistics.median(ts) / len(dicts)
+        rows.append({"mode": "data", "settings": {**st, "generator": name, "cores": 1, "images": len(dicts),
+                                                  "rounds": rounds},
+                     "img_per_s_per_core": 1.0 / per_image, "ms_per_image": per_image * 1e3})
+    if official:
+        for row in rows[:2]:
+            row["vs_official"] = row["img_per_s_per_core"] / rows[2]["img_per_s_per_core"]
     return rows
 
 

@@ -3,6 +3,7 @@
     python tools/benchmark.py train --config-file configs/scrl_pretrain.yaml     # the real loop, JPEGs from disk
     python tools/benchmark.py model --config-file configs/scrl_pretrain.yaml     # batches already on the device
     python tools/benchmark.py data  --config-file configs/scrl_pretrain.yaml --workers 1 4 8 16
+    python tools/benchmark.py data  --per-core --official-scrl ~/src/scrl          # per core, side by side
     python tools/benchmark.py boxes --official-scrl ~/src/scrl                   # box pairs per 256 images
     python tools/benchmark.py parity --config-file configs/scrl_pretrain.yaml    # speed options: same loss?
 
@@ -10,7 +11,10 @@
 EMA) on a folder of JPEGs (``--data``; by default a generated folder of 500x375 JPEGs,
 the size of an average ImageNet photograph). ``model`` feeds tensors already on the
 device. ``data`` times the loader alone (decode, two views, box pairs; with
-INPUT.AUGMENT_DEVICE device, also the device rendering). ``boxes`` times the box-pair
+INPUT.AUGMENT_DEVICE device, also the device rendering); with ``--per-core`` it times one
+worker's whole CPU path on one core (images/s per core) over ``--per-core-images`` files,
+and with ``--official-scrl`` also the release's loading and two views from its checkout on
+the same files, in alternating rounds, and prints the ratio. ``boxes`` times the box-pair
 generator per 256 images on one core, and the official generator when given its
 checkout. ``parity`` runs a few steps with each speed option and with the plain path
 (fp32, NCHW, eager) from the same weights and batches and compares the losses, and checks
@@ -39,6 +43,7 @@ from scrl_d2.benchmark import (
     bench_index,
     bench_model,
     bench_parity,
+    bench_per_core,
     bench_train,
     default_parity_variants,
     machine,
@@ -66,7 +71,12 @@ def argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--with-model", action="store_true",
                    help="train mode: also run model mode at the same settings and report the fraction")
-    p.add_argument("--official-scrl", default="", help="boxes mode: a checkout of kakaobrain/scrl to compare with")
+    p.add_argument("--official-scrl", default="", help="boxes and data --per-core: a checkout of kakaobrain/scrl "
+                                                       "to compare with (imported, side by side)")
+    p.add_argument("--per-core", action="store_true", help="data mode: one core's images/s of the whole CPU path "
+                                                           "(with --official-scrl: the release's too, and the ratio)")
+    p.add_argument("--per-core-images", type=int, default=256, help="data --per-core: files per round")
+    p.add_argument("--rounds", type=int, default=5, help="data --per-core: measured rounds (median)")
     p.add_argument("--variants", nargs="+", choices=sorted(PARITY_VARIANTS), default=None,
                    help="parity mode: options to compare with the plain path (default: all; "
                         "without a GPU all but fp16 and compile)")
@@ -81,7 +91,7 @@ def flat(row: dict) -> dict:
     """A row as one table line: the settings worth a column, then the figures."""
     s = row.get("settings", {})
     keep = {k: v for k, v in s.items() if k in ("arch", "depth", "batch", "input", "amp", "channels_last",
-                                                  "compile", "workers", "augment_device", "generator")}
+                                                  "compile", "workers", "cores", "augment_device", "generator")}
     return {**keep, **{k: v for k, v in row.items() if k not in ("mode", "settings")}}
 
 
@@ -112,10 +122,12 @@ def summary(mode: str, rows: List[dict], env: dict, config_file: str, opts: List
 def main(argv=None) -> int:
     p = argument_parser()
     args = p.parse_intermixed_args(argv)
-    if args.official_scrl and not os.path.isfile(os.path.join(os.path.expanduser(args.official_scrl),
-                                                               "models", "box_generator.py")):
-        p.error(f"--official-scrl {args.official_scrl}: no models/box_generator.py there "
-                "(expected a checkout of kakaobrain/scrl)")
+    needs = {"boxes": "models/box_generator.py", "data": "augment/getters.py"}.get(args.mode)
+    if args.official_scrl and needs and not os.path.isfile(os.path.join(os.path.expanduser(args.official_scrl),
+                                                                        needs)):
+        p.error(f"--official-scrl {args.official_scrl}: no {needs} there (expected a checkout of kakaobrain/scrl)")
+    if args.mode == "data" and args.official_scrl and not args.per_core:
+        p.error("--official-scrl with data mode compares one core of each: add --per-core")
 
     base = get_cfg()
     base.merge_from_file(args.config_file)
@@ -145,7 +157,12 @@ def main(argv=None) -> int:
         if args.mode == "boxes":
             rows += bench_boxes(cfg, max(args.iters, 20), args.official_scrl)
             break
-        if args.mode == "data":
+        if args.mode == "data" and args.per_core:
+            from scrl_d2.data import DatasetCatalog
+
+            dicts = DatasetCatalog.get(f"images:{folder}")[:args.per_core_images]
+            rows += bench_per_core(cfg, dicts, args.rounds, args.official_scrl)
+        elif args.mode == "data":
             workers = args.workers or sorted({1, 2, 4, 8, 12, 16} & set(range(1, (os.cpu_count() or 1) + 1)))
             rows += bench_data(cfg, workers, args.iters, args.warmup)
         elif args.mode == "model":

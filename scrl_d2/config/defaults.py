@@ -123,9 +123,12 @@ _C.INPUT.JPEG_DRAFT = True
 # Turn images as their EXIF orientation tag says (Detectron2's read_image does; the
 # detection datasets always do). Off: the stored pixels, as the release read ImageNet.
 _C.INPUT.EXIF_TRANSPOSE = False
-# Where views are decoded and augmented: "cpu" (loader workers, PIL) or "device"
-# (the training GPU: nvJPEG decode and batched augmentation of the same parameters,
-# drawn in the workers; for when CPU cores cannot feed the GPU, see docs/performance.md).
+# Where views are decoded and augmented, every random parameter drawn in the loader
+# workers either way: "cpu" (the workers render the views with PIL), "split" (the workers
+# decode, crop, resize and flip with PIL; the training device applies the colour jitter,
+# grayscale, blur and solarize of the same parameters, batched: about a third of the CPU
+# work per image) or "device" (the workers only read the files; nvJPEG decode and every
+# operation on the device). For when CPU cores cannot feed the GPU, see docs/performance.md.
 _C.INPUT.AUGMENT_DEVICE = "cpu"
 
 # ---------------------------------------------------------------------------- #

@@ -12,7 +12,7 @@ from .boxes import BoxPairGenerator
 from .catalog import DatasetCatalog, MetadataCatalog, apply_datasets_root
 from .datasets import EvalDataset, PretrainCollate, PretrainDataset, SeededSampler
 
-__all__ = ["get_dataset_dicts", "dataset_dicts_of", "build_pretrain_loader", "build_eval_loader", "uses_boxes", "augment_on_device"]
+__all__ = ["get_dataset_dicts", "dataset_dicts_of", "build_pretrain_loader", "build_eval_loader", "uses_boxes", "augment_on_device", "augment_device", "AUGMENT_DEVICES"]
 
 logger = logging.getLogger("scrl_d2.data")
 
@@ -43,12 +43,22 @@ def uses_boxes(cfg) -> bool:
     return cfg.MODEL.META_ARCHITECTURE.upper() == "SCRL"
 
 
-def augment_on_device(cfg) -> bool:
-    """Whether views are decoded and augmented on the training device (INPUT.AUGMENT_DEVICE)."""
+AUGMENT_DEVICES = ("cpu", "split", "device")
+
+
+def augment_device(cfg) -> str:
+    """INPUT.AUGMENT_DEVICE: ``cpu`` (the loader's workers render the views), ``split``
+    (workers decode, crop, resize and flip; the training device applies the colour
+    operations), ``device`` (workers only read the files; the device decodes and renders)."""
     where = cfg.INPUT.AUGMENT_DEVICE
-    if where not in ("cpu", "device"):
-        raise InputValueError(f"INPUT.AUGMENT_DEVICE: {where!r} is not 'cpu' or 'device'")
-    return where == "device"
+    if where not in AUGMENT_DEVICES:
+        raise InputValueError(f"INPUT.AUGMENT_DEVICE: {where!r} is not one of {', '.join(map(repr, AUGMENT_DEVICES))}")
+    return where
+
+
+def augment_on_device(cfg) -> bool:
+    """Whether the training device takes part in rendering the views (``split`` or ``device``)."""
+    return augment_device(cfg) != "cpu"
 
 
 def _worker_init(_: int) -> None:
@@ -80,7 +90,8 @@ def build_pretrain_loader(cfg, seed: int) -> Tuple[DataLoader, SeededSampler, in
     dataset = PretrainDataset(
         dicts, TwoViewAugmentation.from_config(cfg), boxes,
         require_overlap=cfg.MODEL.SCRL.REQUIRE_OVERLAP, max_crop_tries=cfg.MODEL.SCRL.MAX_CROP_TRIES,
-        jpeg_draft=cfg.INPUT.JPEG_DRAFT, decode_on_device=augment_on_device(cfg),
+        jpeg_draft=cfg.INPUT.JPEG_DRAFT, decode_on_device=augment_device(cfg) == "device",
+        photometric_on_device=augment_device(cfg) == "split",
         exif_transpose=cfg.INPUT.EXIF_TRANSPOSE,
     )
     sampler = SeededSampler(len(dataset), cfg.SOLVER.IMS_PER_GPU, seed,

@@ -97,6 +97,13 @@ def read_encoded(path: str) -> Tuple[torch.Tensor, Tuple[int, int], bool]:
     return TF.pil_to_tensor(to_rgb(img)), size, False
 
 
+def _hwc(img: Image.Image) -> torch.Tensor:
+    """An RGB PIL image's pixels as a ``uint8 [H, W, 3]`` tensor (one copy; read only)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # numpy's view of PIL's buffer is not writable: never written
+        return torch.from_numpy(np.asarray(img))
+
+
 def sample_seed(base_seed: int, epoch: int, index: int) -> int:
     """The seed of one sample's augmentation, fixed by (run seed, epoch, index)."""
     return int(np.random.SeedSequence([base_seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
@@ -143,7 +150,9 @@ class PretrainDataset(torch.utils.data.Dataset):
     ``label`` (-1 when unlabelled), ``skipped`` (unreadable files replaced) and
     ``seed``. With ``decode_on_device`` the views are not rendered: the sample holds
     the encoded file (``data``, ``is_jpeg``, ``file_name``) and each view's parameters (``params1``,
-    ``params2``) for :class:`~scrl_d2.data.gpu_augment.BatchedAugmentation`.
+    ``params2``) for :class:`~scrl_d2.data.gpu_augment.BatchedAugmentation`. With
+    ``photometric_on_device`` the views are cropped, resized and flipped here and carry
+    their parameters: the device applies the colour operations (INPUT.AUGMENT_DEVICE split).
     ``jpeg_draft``: decode a JPEG at the smallest 1/2^k scale that still gives both
     crops at least the output resolution.
     """
@@ -151,7 +160,7 @@ class PretrainDataset(torch.utils.data.Dataset):
     def __init__(self, dicts: List[dict], augmentation: TwoViewAugmentation,
                  box_generator: Optional[BoxPairGenerator] = None, require_overlap: bool = False,
                  max_crop_tries: int = 10, jpeg_draft: bool = True, decode_on_device: bool = False,
-                 exif_transpose: bool = False) -> None:
+                 exif_transpose: bool = False, photometric_on_device: bool = False) -> None:
         if exif_transpose and decode_on_device:
             raise InputValueError("INPUT.EXIF_TRANSPOSE True is not available with INPUT.AUGMENT_DEVICE device (the "
                                   "device decodes the stored orientation); use INPUT.AUGMENT_DEVICE cpu")
@@ -162,6 +171,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.max_crop_tries = max_crop_tries
         self.jpeg_draft = jpeg_draft
         self.decode_on_device = decode_on_device
+        self.photometric_on_device = photometric_on_device and not decode_on_device
 
     def __len__(self) -> int:
         return len(self.reader.dicts)
@@ -200,8 +210,13 @@ class PretrainDataset(torch.utils.data.Dataset):
         p1, p2 = aug1.sample(crop1, g), aug2.sample(crop2, g)
         if not self.decode_on_device:
             scale = (stored[0] / img.width, stored[1] / img.height)  # > 1 after a draft decode
-            out.update(view1=aug1.apply(img, p1, scale), view2=aug2.apply(img, p2, scale))
-        else:
+            if self.photometric_on_device:
+                hwc = _hwc(img)
+                out.update(view1=aug1.apply_geometry(img, hwc, p1, scale),
+                           view2=aug2.apply_geometry(img, hwc, p2, scale))
+            else:
+                out.update(view1=aug1.apply(img, p1, scale), view2=aug2.apply(img, p2, scale))
+        if self.decode_on_device or self.photometric_on_device:
             out.update(params1=p1, params2=p2)
         out.update(geom1=p1[:5].clone(), geom2=p2[:5].clone(), label=d.get("label", -1), skipped=skipped)
         return out

@@ -1,4 +1,6 @@
-"""The two-view augmentation rendered on the training device, a batch at a time.
+"""The two-view augmentation rendered on the training device, a batch at a time
+(INPUT.AUGMENT_DEVICE ``device``: decode and every operation; ``split``: the colour
+operations of views the workers cropped, resized and flipped).
 
 When CPU cores cannot decode and augment fast enough to feed the GPU, the loader
 workers only read the files and draw every random parameter (crops, flips, jitter
@@ -152,6 +154,8 @@ class BatchedAugmentation:
             return self._render(batch)
 
     def _render(self, batch: Dict) -> Dict:
+        if "data" not in batch:  # INPUT.AUGMENT_DEVICE split: views cropped on the CPU, colours here
+            return self._colours(batch)
         images = self.decode(batch)
         params = (batch["params1"], batch["params2"])
         views = ([], [])
@@ -165,6 +169,15 @@ class BatchedAugmentation:
             batch[f"view{v + 1}"] = x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
         for k in ("data", "is_jpeg", "file_name", "params1", "params2"):
             batch.pop(k, None)
+        return batch
+
+    def _colours(self, batch: Dict) -> Dict:
+        """The photometric operations of each view's parameters on views that the workers
+        cropped, resized and flipped (uint8 on the host, pinned by the loader)."""
+        for v, p in enumerate((batch.pop("params1"), batch.pop("params2"))):
+            x = batch[f"view{v + 1}"].to(self.device, non_blocking=True).float().div_(255.0)
+            x = self._photometric(x, p, self.views[v])
+            batch[f"view{v + 1}"] = x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
         return batch
 
     def _pad(self, images: List[torch.Tensor]) -> torch.Tensor:

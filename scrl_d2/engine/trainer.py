@@ -270,7 +270,7 @@ class PretrainTrainer(TrainerBase):
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr
         if self.device_augment is not None:
-            batch = self.device_augment(batch)  # decode + views on the device
+            batch = self.device_augment(batch)  # decode + views (device) or colours (split) on the device
         self.skipped_images += int(batch.pop("skipped").sum())
         pairs = count_pairs(batch)  # host tensors only: no device sync
         if self.world_size > 1:
