@@ -171,7 +171,10 @@ def test_data_per_core_side_by_side(tmp_path):
 
 
 def test_official_data_needs_per_core_and_a_checkout(tmp_path):
-    for args in (["--official-scrl", str(tmp_path)], ["--per-core", "--official-scrl", str(tmp_path / "none")]):
+    (tmp_path / "augment").mkdir()
+    (tmp_path / "augment" / "getters.py").write_text("")
+    for args, says in ((["--official-scrl", str(tmp_path)], "add --per-core"),
+                       (["--per-core", "--official-scrl", str(tmp_path / "none")], "no augment/getters.py there")):
         r = subprocess.run([sys.executable, BENCH, "data", *args], capture_output=True, text=True, cwd=ROOT)
         lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and "--official-scrl" in lines[0], r.stderr
+        assert r.returncode == 2 and len(lines) == 1 and "--official-scrl" in lines[0] and says in lines[0], r.stderr

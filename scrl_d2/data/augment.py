@@ -158,17 +158,20 @@ class ViewAugmentation:
         """The view's crop, resize and flip only -> ``uint8 [3, size, size]`` (INPUT.AUGMENT_DEVICE
         split: the colour operations are replayed on the device). ``hwc``: ``img``'s pixels
         as a ``uint8 [H, W, 3]`` tensor, resized with torch's antialiased uint8 kernel (the
-        same filter as PIL's, vectorised: mean difference ~0.03 grey levels, a few at most)
-        when the crop falls on whole pixels and the interpolation is bilinear or bicubic;
-        otherwise PIL renders it, as :meth:`apply`."""
+        same filter as PIL's, vectorised: ~0.03 grey levels apart on average, up to ~10 at the
+        crop's borders, where PIL reads pixels beyond the box and torch stops at the crop, as
+        the release's crop-then-resize does) when the crop falls on whole pixels and the
+        interpolation is bilinear or bicubic; otherwise (e.g. most crops of a JPEG decoded at
+        reduced size) PIL renders it, as :meth:`apply`."""
         top, left, h, w = (float(v) for v in p[:4])
         sx, sy = scale
         box = (left / sx, top / sy, (left + w) / sx, (top + h) / sy)
-        if hwc is None or self.interpolation not in ("bilinear", "bicubic") or any(b != int(b) for b in box):
+        mode = self.interpolation.lower()
+        if hwc is None or mode not in ("bilinear", "bicubic") or any(b != int(b) for b in box):
             return self.apply(img, p, scale, photometric=False)
         x0, y0, x1, y1 = (int(b) for b in box)
-        crop = hwc[y0:y1, x0:x1].permute(2, 0, 1).unsqueeze(0)  # channels-last strides: the fast kernel
-        out = torch.nn.functional.interpolate(crop, size=(self.size, self.size), mode=self.interpolation,
+        crop = hwc[y0:y1, x0:x1].permute(2, 0, 1).unsqueeze(0)  # channels innermost, as torch's uint8 kernel likes
+        out = torch.nn.functional.interpolate(crop, size=(self.size, self.size), mode=mode,
                                               antialias=True, align_corners=False)[0]
         if p[P_FLIP] > 0.5:
             out = out.flip(-1)
