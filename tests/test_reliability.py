@@ -221,6 +221,7 @@ def test_snapshot_retention(tmp_path, image_folder):
 @pytest.mark.parametrize("opts,expected", [
     (["SOLVER.IMS_PER_GPU", "0"], "SOLVER.IMS_PER_GPU: 0 is not valid; expected an integer >= 1"),
     (["SOLVER.BASE_LR", "-1.0"], "SOLVER.BASE_LR: -1.0 is not valid"),
+    (["INPUT.AUGMENT_DEVICE", "gpu"], "INPUT.AUGMENT_DEVICE: 'gpu' is not valid; expected one of 'cpu', 'split', 'device'"),
     (["DATASETS.TRAIN", "('images:/no/such/folder',)"], "/no/such/folder"),
     (["DATASETS.TRAIN", "('no_such_dataset',)"], "'no_such_dataset' is not registered"),
     (["MODEL.WEIGHTS", "/no/such/weights.pth"], "MODEL.WEIGHTS /no/such/weights.pth: checkpoint not found"),

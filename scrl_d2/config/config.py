@@ -7,6 +7,7 @@ import yaml
 from fvcore.common.config import CfgNode as _FvCfgNode
 
 from ..utils.errors import ConfigError
+from .defaults import AUGMENT_DEVICES
 
 __all__ = ["CfgNode", "ConfigError", "get_cfg", "config_from_args", "add_scrl_config", "configurable", "check_config"]
 
@@ -158,6 +159,7 @@ _RULES = [
     ("LINEAR_EVAL.EPOCHS", lambda v: v >= 1, "an integer >= 1"),
     ("KNN.K", lambda v: v >= 1, "an integer >= 1"),
     ("LOG_PERIOD", lambda v: v >= 1, "an integer >= 1 (iterations)"),
+    ("INPUT.AUGMENT_DEVICE", lambda v: v in AUGMENT_DEVICES, "one of " + ", ".join(map(repr, AUGMENT_DEVICES))),
 ]
 
 

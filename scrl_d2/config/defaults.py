@@ -125,11 +125,13 @@ _C.INPUT.JPEG_DRAFT = True
 _C.INPUT.EXIF_TRANSPOSE = False
 # Where views are decoded and augmented, every random parameter drawn in the loader
 # workers either way: "cpu" (the workers render the views with PIL), "split" (the workers
-# decode, crop, resize and flip with PIL; the training device applies the colour jitter,
+# decode with PIL, crop, resize (torch's antialiased uint8 bicubic where the crop falls on
+# whole pixels, PIL's otherwise) and flip; the training device applies the colour jitter,
 # grayscale, blur and solarize of the same parameters, batched: about a third of the CPU
 # work per image) or "device" (the workers only read the files; nvJPEG decode and every
 # operation on the device). For when CPU cores cannot feed the GPU, see docs/performance.md.
 _C.INPUT.AUGMENT_DEVICE = "cpu"
+AUGMENT_DEVICES = ("cpu", "split", "device")  # its values (checked by check_config)
 
 # ---------------------------------------------------------------------------- #
 # Datasets: names registered in scrl_d2.data.DatasetCatalog, or "images:PATH"

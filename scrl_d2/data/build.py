@@ -11,6 +11,7 @@ from .augment import TwoViewAugmentation
 from .boxes import BoxPairGenerator
 from .catalog import DatasetCatalog, MetadataCatalog, apply_datasets_root
 from .datasets import EvalDataset, PretrainCollate, PretrainDataset, SeededSampler
+from .workers import loader_worker_signals
 
 __all__ = ["get_dataset_dicts", "dataset_dicts_of", "build_pretrain_loader", "build_eval_loader", "uses_boxes", "augment_on_device", "augment_device", "AUGMENT_DEVICES"]
 
@@ -43,7 +44,7 @@ def uses_boxes(cfg) -> bool:
     return cfg.MODEL.META_ARCHITECTURE.upper() == "SCRL"
 
 
-AUGMENT_DEVICES = ("cpu", "split", "device")
+from ..config.defaults import AUGMENT_DEVICES  # noqa: E402  (re-exported)
 
 
 def augment_device(cfg) -> str:
@@ -67,8 +68,6 @@ def _worker_init(_: int) -> None:
     # SLURM and torchrun signal loader workers too: they leave the stop to the trainer,
     # which stops after its step (a worker that died of it would end the run before the
     # checkpoint); SIGTERM from the DataLoader itself still ends them.
-    from ..engine.preemption import loader_worker_signals  # here: engine imports this module
-
     loader_worker_signals()
 
 

@@ -163,7 +163,7 @@ class PretrainDataset(torch.utils.data.Dataset):
                  exif_transpose: bool = False, photometric_on_device: bool = False) -> None:
         if exif_transpose and decode_on_device:
             raise InputValueError("INPUT.EXIF_TRANSPOSE True is not available with INPUT.AUGMENT_DEVICE device (the "
-                                  "device decodes the stored orientation); use INPUT.AUGMENT_DEVICE cpu")
+                                  "device decodes the stored orientation); use INPUT.AUGMENT_DEVICE cpu or split")
         self.reader = _RobustReader(dicts, exif_transpose)
         self.augmentation = augmentation
         self.box_generator = box_generator
