@@ -25,7 +25,8 @@ def _modules():
 
 def _import_graph():
     """module -> the scrl_d2 modules it imports, at any level (a lazy import inside a
-    function is an edge too). A part importing its own package is not an edge (Python
+    function is an edge too), and the packages above them (importing ``a.b.c`` runs
+    ``a.b``'s ``__init__`` first). A part importing its own package is not an edge (Python
     imports the package first); a package importing its parts is."""
     mods = _modules()
     graph = {m: set() for m in mods}
@@ -40,8 +41,10 @@ def _import_graph():
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             for t in targets:
-                if t in mods and t != m and not m.startswith(t + "."):
-                    graph[m].add(t)
+                parts = t.split(".")
+                for above in (".".join(parts[:i]) for i in range(2, len(parts) + 1)):  # scrl_d2.x, ..., t
+                    if above in mods and above != m and not m.startswith(above + "."):
+                        graph[m].add(above)
     return graph
 
 
@@ -80,6 +83,8 @@ def test_no_module_imports_itself_through_others():
     graph = _import_graph()
     assert len(graph) > 80 and graph["scrl_d2.data.builtin"] >= {"scrl_d2.data.catalog", "scrl_d2.data.demo"}
     assert _cycles(graph) == []
+    # importing a module of another package runs that package's __init__: an edge to it
+    assert "scrl_d2.data" in graph["scrl_d2.detection.sampler"]  # from ..data.workers import ...
     # the check sees a cycle where there is one
     graph["scrl_d2.data.catalog"].add("scrl_d2.data.builtin")
     assert _cycles(graph) and "scrl_d2.data.catalog" in _cycles(graph)[0]
@@ -181,3 +186,22 @@ def test_one_place_for_each_repeated_meaning():
     assert [m for m, s in sources.items() if "allow_nan=False" in s] == ["scrl_d2.utils.fs"]  # strict JSON
     assert [m for m, s in sources.items() if "tempfile.mkstemp(" in s] == ["scrl_d2.utils.fs"]  # atomic writes
     assert [m for m, s in sources.items() if "def generate_once" in s] == ["scrl_d2.utils.fs"]
+
+
+def test_a_non_editable_install_finds_the_checkout_it_is_run_from(tmp_path):
+    """``pip install .`` puts the package in site-packages, away from configs/ and tools/:
+    the demos and the transfer suite then use the checkout they are run from."""
+    import shutil
+    import subprocess
+
+    site = tmp_path / "site"
+    shutil.copytree(os.path.join(ROOT, "scrl_d2"), site / "scrl_d2",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    code = "from scrl_d2.utils.fs import checkout_root; print(checkout_root())"
+    env = dict(os.environ, PYTHONPATH=str(site))
+    run = [sys.executable, "-c", code]
+    here = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert here == ROOT
+    # the editable install (the package beside configs/): that checkout, wherever it is run from
+    assert subprocess.run(run, cwd=str(tmp_path), capture_output=True, text=True, check=True,
+                          env=dict(os.environ, PYTHONPATH=ROOT)).stdout.strip() == ROOT

@@ -15,9 +15,9 @@ from scrl_d2.config import config_from_args
 from scrl_d2.detection import run_finetune
 from scrl_d2.detection.coco_eval import print_results
 from scrl_d2.engine import PretrainTrainer, default_setup
-from scrl_d2.utils.fs import atomic_write, finite_json
+from scrl_d2.utils.fs import atomic_write, checkout_root, finite_json
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout (configs/)
+ROOT = checkout_root()  # configs/
 
 
 def _cfg(config_file: str, opts):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..data.datasets import sample_seed
-from ..engine.preemption import loader_worker_signals
+from ..data.workers import loader_worker_signals
 from ..utils import comm
 
 __all__ = ["TrainingBatches", "SeededItems", "ignore_stop_signals"]
@@ -115,5 +115,5 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     """A loader worker's ``worker_init_fn``: SLURM (and torchrun's agent, ``kill -- -PGID``)
     signals every process of a job, loader workers included; a worker leaves the stop to the
     trainer (which checkpoints and ends its workers) instead of dying and failing the run
-    (:func:`~scrl_d2.engine.preemption.loader_worker_signals`)."""
+    (:func:`~scrl_d2.data.workers.loader_worker_signals`)."""
     loader_worker_signals(worker_id)

@@ -20,10 +20,11 @@ from typing import Dict, List, Tuple
 
 from ..detection import FINETUNE_BACKENDS
 from ..utils.errors import InputKeyError
+from ..utils.fs import checkout_root
 
 __all__ = ["Protocol", "PROTOCOLS", "get_protocol", "CONFIGS_DIR", "GROUPS", "BACKENDS"]
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+CONFIGS_DIR = os.path.join(checkout_root(), "configs")
 GROUPS = {"paper": "The SCRL paper's protocols", "moco": "The field's standard protocols (MoCo's)",
           "beyond": "Beyond the paper", "option": "Other conventions (not the paper's protocol)"}
 

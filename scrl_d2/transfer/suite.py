@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..utils.errors import InputFileNotFoundError, InputValueError
-from ..utils.fs import atomic_write, finite_json
+from ..utils.fs import atomic_write, checkout_root, finite_json
 from .miniature import miniature_overrides
 from .protocols import Protocol
 
@@ -38,7 +38,7 @@ __all__ = ["TransferRun", "TransferSuite", "mean_std", "RANDOM_INIT", "timed", "
            "call_forwarding_signals", "stop_signals_interrupt", "check_backends"]
 
 logger = logging.getLogger("scrl_d2.transfer")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = checkout_root()  # configs/ and tools/
 TRAIN_NET = ["-m", "scrl_d2.cli.train_net"]  # the package's entry point, not a file of the checkout
 SUBMIT_SLURM = ["-m", "scrl_d2.cli.submit_slurm"]
 RANDOM_INIT = "random"  # checkpoint path meaning "no pretraining"

@@ -11,7 +11,8 @@ import shutil
 import tempfile
 from typing import Any, Callable, List
 
-__all__ = ["WriteError", "atomic_write", "remove_stale_temporaries", "generate_once", "finite_json", "nan_to_none"]
+__all__ = ["WriteError", "atomic_write", "remove_stale_temporaries", "generate_once", "finite_json", "nan_to_none",
+           "checkout_root"]
 
 _TMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_write's temporary names
 
@@ -123,3 +124,14 @@ def nan_to_none(v: Any) -> Any:
 def finite_json(v: Any, indent: int = 1) -> str:
     """JSON text that strict parsers accept: NaN and infinities are written as ``null``."""
     return json.dumps(nan_to_none(v), indent=indent, allow_nan=False)
+
+
+def checkout_root() -> str:
+    """The checkout whose ``configs/`` and ``tools/`` the demos and the transfer suite use:
+    the folder above the package (``pip install -e .``, the documented install), else the
+    current folder when it holds ``configs/`` (a non-editable install run from the
+    checkout, as ``python tools/...`` is)."""
+    above = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if os.path.isdir(os.path.join(above, "configs")) or not os.path.isdir("configs"):
+        return above
+    return os.path.abspath(os.curdir)
