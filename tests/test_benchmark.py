@@ -152,22 +152,92 @@ def test_data_per_core_side_by_side(tmp_path):
     (fake / "augment" / "getters.py").write_text(
         "from torchvision import transforms as T\n"
         "def _views(input_size=224, crop_scale=(0.08, 1.0), with_trans_info=False):\n"
-        "    return T.Compose([T.RandomResizedCrop(input_size, scale=crop_scale), T.ToTensor()])\n"
+        "    return T.Compose([T.RandomResizedCrop(input_size, scale=crop_scale), T.ToTensor(),\n"
+        "                      T.Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))])\n"
         "get_simclr_transforms_for_view_1 = get_simclr_transforms_for_view_2 = _views\n")
     res, stdout = bench(tmp_path, "data", *TINY, "--per-core", "--official-scrl", str(fake), "--num-images", "24",
                         "--per-core-images", "24", "--rounds", "1", "--batch", "8")
     rows = res["rows"]
     assert [r["settings"]["generator"] for r in rows] == ["scrl_d2 cpu", "scrl_d2 split (CPU side)",
-                                                           f"official ({fake})"]
+                                                           f"official ({fake})",
+                                                           "official, PIL views (no ToTensor + Normalize)"]
     for r in rows:
-        assert r["settings"]["cores"] == 1 and r["img_per_s_per_core"] > 0
-        assert abs(r["ms_per_image"] * r["img_per_s_per_core"] - 1e3) < 1e-6 * 1e3
+        assert r["settings"]["cores"] == 1 and r["settings"]["images"] == 24 and r["img_per_s_per_core"] > 0
     for r in rows[:2]:
         assert r["vs_official"] == pytest.approx(r["img_per_s_per_core"] / rows[2]["img_per_s_per_core"])
-    assert "vs_official" in stdout
+        assert r["vs_official_pil"] == pytest.approx(r["img_per_s_per_core"] / rows[3]["img_per_s_per_core"])
+    assert res["settings"]["generator"] == "scrl_d2 cpu" and res["vs_official"] == rows[0]["vs_official"]
+    assert "vs_official_pil" in stdout
     folder = os.path.join(str(tmp_path), "scrl_bench_jpegs_24")
     sizes = [os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".jpg")]
     assert len(sizes) == 24 and 70e3 < statistics.mean(sizes) < 140e3  # as ImageNet's average file
+
+
+def test_per_core_rows_time_what_they_name(tmp_path, monkeypatch):
+    """The cpu row renders every view's colour operations, the split row none (the device's
+    part), each on the same files; the release's PIL row stops before ToTensor + Normalize."""
+    from scrl_d2.benchmark import bench_per_core
+    from scrl_d2.benchmark.data import official_two_views
+    from scrl_d2.data.augment import ViewAugmentation
+    from scrl_d2.data.demo import write_synthetic_jpegs
+
+    folder = write_synthetic_jpegs(str(tmp_path / "jpegs"), 6)
+    dicts = [{"file_name": os.path.join(folder, f)} for f in sorted(os.listdir(folder)) if f.endswith(".jpg")]
+    calls = {"colour": 0, "geometry": 0}
+    for name, key in (("_photometric", "colour"), ("apply_geometry", "geometry")):
+        orig = getattr(ViewAugmentation, name)
+
+        def counted(self, *a, _orig=orig, _key=key, **k):
+            calls[_key] += 1
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(ViewAugmentation, name, counted)
+    cfg = tiny_cfg("unused")
+    rows = bench_per_core(cfg, dicts, rounds=2)
+    assert [r["settings"]["generator"] for r in rows] == ["scrl_d2 cpu", "scrl_d2 split (CPU side)"]
+    # 3 rounds (one warm-up) x 6 images x 2 views: the cpu path's colours, the split path's geometry
+    assert calls == {"colour": 36, "geometry": 36}
+
+    fake = tmp_path / "scrl"
+    (fake / "augment").mkdir(parents=True)
+    (fake / "augment" / "getters.py").write_text(
+        "from torchvision import transforms as T\n"
+        "def _views(input_size=224, crop_scale=(0.08, 1.0), with_trans_info=False):\n"
+        "    return T.Compose([T.RandomResizedCrop(input_size, scale=crop_scale), T.ToTensor(), T.Normalize((0.5,), (0.5,))])\n"
+        "get_simclr_transforms_for_view_1 = get_simclr_transforms_for_view_2 = _views\n")
+    monkeypatch.syspath_prepend(str(fake))
+    full, pil = official_two_views(cfg, str(fake))(dicts[0]["file_name"]), \
+        official_two_views(cfg, str(fake), tensor_steps=False)(dicts[0]["file_name"])
+    assert all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 for v in full)
+    assert all(v.size == (64, 64) and v.mode == "RGB" for v in pil)  # PIL images: neither step ran
+    (fake / "augment" / "getters.py").write_text(
+        "from torchvision import transforms as T\n"
+        "def _views(input_size=224, crop_scale=(0.08, 1.0), with_trans_info=False):\n"
+        "    return T.Compose([T.RandomResizedCrop(input_size, scale=crop_scale), T.ToTensor()])\n"
+        "get_simclr_transforms_for_view_1 = get_simclr_transforms_for_view_2 = _views\n")
+    import sys as _sys
+    for m in ("augment.getters", "augment"):
+        _sys.modules.pop(m, None)
+    with pytest.raises(ValueError, match="do not end in ToTensor \\+ Normalize"):
+        official_two_views(cfg, str(fake), tensor_steps=False)
+    for m in ("augment.getters", "augment"):
+        _sys.modules.pop(m, None)
+
+
+@pytest.mark.parametrize("args,says", [
+    (["data", "--per-core", "--rounds", "0"], "argument --rounds: 0: expected 1 or more"),
+    (["data", "--per-core", "--per-core-images", "0"], "argument --per-core-images: 0: expected 1 or more"),
+    (["data", "--per-core", "--workers", "2"], "--workers and --per-core"),
+    (["data", "--workers", "2", "-1"], "argument --workers: 2 -1: expected worker counts of 0 (the main process)"),
+    (["train", "--per-core"], "--per-core applies to data mode only, not train"),
+    (["model", "--official-scrl", "/nowhere"], "--official-scrl applies to boxes and data mode only, not model"),
+    (["train", "--data", "/no/such/folder"], "--data /no/such/folder: no such folder"),
+    (["model", "--config-file", "/no/such.yaml"], "--config-file /no/such.yaml: no such file"),
+    (["model", "--batch", "-1"], "argument --batch: -1: expected 0 or more"),
+])
+def test_bad_benchmark_arguments_get_one_line_and_status_2(args, says):
+    r = subprocess.run([sys.executable, BENCH, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], r.stderr
 
 
 def test_official_data_needs_per_core_and_a_checkout(tmp_path):

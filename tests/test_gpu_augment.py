@@ -131,9 +131,9 @@ def test_split_path_draws_the_same_and_renders_the_geometry_exactly(jpeg_folder,
     """INPUT.AUGMENT_DEVICE split: the same draws (crops, flips, box pairs) as the CPU path;
     the workers' crop + resize is torch's antialiased uint8 kernel (PIL's filter, vectorised),
     so a view that drew no colour operation is within a grey level of the CPU path's on
-    average (a few at most, at edges), and one where torch has no such kernel (nearest) or
-    the crop does not fall on whole pixels (JPEG draft decoding) is PIL's own, equal pixel
-    for pixel; the colour operations
+    average (a few at most, at edges), and one where torch has no such kernel (nearest) is
+    PIL's own, equal pixel for pixel (so is a crop that does not fall on whole pixels, e.g.
+    after JPEG draft decoding: the same code path, not compared here); the colour operations
     replayed on the device differ from PIL's by rounding and resampling only."""
     cpu, split, (p1, p2) = split_and_cpu(jpeg_folder, opts)
     for k in ("geom1", "geom2", "boxes1", "boxes2", "box_valid", "pair_index", "label", "seed"):
@@ -205,30 +205,36 @@ def test_view_parameters_follow_the_release_recipe():
 
 
 @pytest.mark.plain
-def test_trainer_with_split_augmentation_trains_as_the_cpu_path(jpeg_folder, tmp_path, monkeypatch):
+def test_trainer_with_split_augmentation_trains_as_the_cpu_path(jpeg_folder, tmp_path):
     """The whole loop (a loader worker, the trainer's step) with INPUT.AUGMENT_DEVICE split:
-    with PIL's resize in the workers (torch's is compared above) and no colour operation
-    drawn, it trains to the very weights of the CPU path: the parameters travel with the
-    views, the device step replays them and hands the model the same pixels."""
+    with a resize both paths render alike (nearest: PIL's in the workers, see above) and
+    solarize on every view (the colour operation that is exact on uint8 pixels on both
+    sides), it trains to the very weights of the CPU path: the parameters travel with the
+    views, the trainer's step replays them and hands the model the same pixels; without
+    the replay the weights differ (the test sees it)."""
     from test_engine import assert_same_weights
 
-    from scrl_d2.data.augment import ViewAugmentation
+    from scrl_d2.data import gpu_augment
     from scrl_d2.engine import PretrainTrainer
 
-    monkeypatch.setattr(ViewAugmentation, "apply_geometry",
-                        lambda self, img, hwc, p, scale=(1.0, 1.0): self.apply(img, p, scale, photometric=False))
-
-    weights = {}
-    for where in ("cpu", "split"):
-        cfg = tiny_cfg(f"images:{jpeg_folder}", out=str(tmp_path / where))
-        cfg.merge_from_list(OFF + ["INPUT.AUGMENT_DEVICE", where, "DATALOADER.NUM_WORKERS", "1",
-                                   "SOLVER.IMS_PER_GPU", "4", "SOLVER.MAX_ITER", "2"])
+    def train(where, out):
+        cfg = tiny_cfg(f"images:{jpeg_folder}", out=str(tmp_path / out))
+        cfg.merge_from_list(OFF[:6] + ["INPUT.SOLARIZE_PROB", "(1.0, 1.0)", "INPUT.INTERPOLATION", "nearest",
+                                       "INPUT.AUGMENT_DEVICE", where, "DATALOADER.NUM_WORKERS", "1",
+                                       "SOLVER.IMS_PER_GPU", "4", "SOLVER.MAX_ITER", "2"])
         torch.manual_seed(7)  # the model's initialisation (the CLI's default_setup seeds it)
         trainer = PretrainTrainer(cfg)
         trainer.train()
         assert trainer.iter == 2
-        weights[where] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    assert_same_weights(weights["cpu"], weights["split"])
+        return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    cpu = train("cpu", "cpu")
+    assert_same_weights(cpu, train("split", "split"))
+    with pytest.MonkeyPatch.context() as mp:  # the replay skipped: the model sees other pixels
+        mp.setattr(gpu_augment.BatchedAugmentation, "_colours",
+                   lambda self, batch: {k: v for k, v in batch.items() if k not in ("params1", "params2")})
+        skipped = train("split", "split_no_replay")
+    assert any(not torch.equal(cpu[k], skipped[k]) for k in cpu if cpu[k].is_floating_point())
     cfg = tiny_cfg(f"images:{jpeg_folder}")
     cfg.merge_from_list(["INPUT.AUGMENT_DEVICE", "gpu"])
     from scrl_d2.data.build import augment_device

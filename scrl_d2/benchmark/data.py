@@ -18,6 +18,7 @@ from ..data.augment import TwoViewAugmentation
 from ..data.build import augment_on_device, uses_boxes
 from ..data.datasets import PretrainCollate, PretrainDataset
 from ..data.gpu_augment import BatchedAugmentation
+from ..utils.errors import InputValueError
 from .common import bench_device, release_geometries, settings, sync
 
 __all__ = ["bench_boxes", "bench_data", "bench_index", "bench_per_core", "one_core"]
@@ -62,8 +63,8 @@ def bench_boxes(cfg, iters: int, official: str = "") -> List[dict]:
 
 
 def bench_data(cfg, workers, iters: int, warmup: int) -> List[dict]:
-    """The loader alone (decode, two views, box pairs; with INPUT.AUGMENT_DEVICE device,
-    also the device rendering) at each worker count: one row each."""
+    """The loader alone (decode, two views, box pairs; with INPUT.AUGMENT_DEVICE split or
+    device, also the device's part) at each worker count: one row each."""
     rows = []
     device = bench_device()
     for w in workers:
@@ -112,10 +113,16 @@ def one_core():
             os.sched_setaffinity(0, cores)
 
 
-def official_two_views(cfg, official: str) -> Callable[[str], object]:
+# The release's last two steps of a view, which ours leave to the device (uint8 views,
+# normalised on the GPU): timed with and without them.
+_TENSOR_STEPS = ("ToTensor", "Normalize")
+
+
+def official_two_views(cfg, official: str, tensor_steps: bool = True) -> Callable[[str], object]:
     """The release's loading of one training image (torchvision's ImageFolder loader) and
     its two views (``augment.getters`` of the checkout ``official``, imported, as its
-    ``MultiViewDataInjector`` applies them), for the recipe of ``cfg``."""
+    ``MultiViewDataInjector`` applies them), for the recipe of ``cfg``; without
+    ``tensor_steps`` its ToTensor and Normalize are left out (the views stay PIL images)."""
     from torchvision.datasets.folder import pil_loader
 
     sys.path.insert(0, os.path.expanduser(official))
@@ -124,6 +131,13 @@ def official_two_views(cfg, official: str) -> Callable[[str], object]:
     kw = dict(input_size=cfg.INPUT.CROP_SIZE, crop_scale=tuple(cfg.INPUT.CROP_SCALE),
               with_trans_info=uses_boxes(cfg))
     t1, t2 = get_simclr_transforms_for_view_1(**kw), get_simclr_transforms_for_view_2(**kw)
+    if not tensor_steps:
+        for t in (t1, t2):
+            kept = [s for s in t.transforms if type(s).__name__ not in _TENSOR_STEPS]
+            if len(kept) != len(t.transforms) - len(_TENSOR_STEPS):
+                raise InputValueError(f"--official-scrl {official}: its views do not end in "
+                                      f"{' + '.join(_TENSOR_STEPS)} (another version of the release?)")
+            t.transforms = kept
 
     def load(path: str):
         img = pil_loader(path)
@@ -140,7 +154,9 @@ def bench_per_core(cfg, dicts: List[dict], rounds: int, official: str = "") -> L
       (INPUT.AUGMENT_DEVICE split): its CPU side;
     - with ``official`` (a checkout of kakaobrain/scrl): the release's read, decode and two
       views (its ToTensor and Normalize included; its box pairs, drawn later in the main
-      process, and its collate not counted: in its favour)."""
+      process, and its collate not counted: in its favour); and the same without its
+      ToTensor and Normalize (``vs_official_pil``: as if its workers, as ours, handed
+      un-normalised views on)."""
     boxes = BoxPairGenerator.from_config(cfg) if uses_boxes(cfg) else None
     collate = PretrainCollate(boxes)
     batch = cfg.SOLVER.IMS_PER_GPU
@@ -163,7 +179,9 @@ def bench_per_core(cfg, dicts: List[dict], rounds: int, official: str = "") -> L
     runs = {"scrl_d2 cpu": ours(False), "scrl_d2 split (CPU side)": ours(True)}
     if official:
         load = official_two_views(cfg, official)
+        load_pil = official_two_views(cfg, official, tensor_steps=False)
         runs[f"official ({official})"] = lambda r: [load(d["file_name"]) for d in dicts]
+        runs["official, PIL views (no ToTensor + Normalize)"] = lambda r: [load_pil(d["file_name"]) for d in dicts]
     times = {k: [] for k in runs}
     with one_core():
         for r in range(rounds + 1):  # round 0 warms the file cache and the code paths
@@ -182,6 +200,7 @@ def bench_per_core(cfg, dicts: List[dict], rounds: int, official: str = "") -> L
     if official:
         for row in rows[:2]:
             row["vs_official"] = row["img_per_s_per_core"] / rows[2]["img_per_s_per_core"]
+            row["vs_official_pil"] = row["img_per_s_per_core"] / rows[3]["img_per_s_per_core"]
     return rows
 
 

@@ -11,10 +11,11 @@
 EMA) on a folder of JPEGs (``--data``; by default a generated folder of 500x375 JPEGs,
 the size of an average ImageNet photograph). ``model`` feeds tensors already on the
 device. ``data`` times the loader alone (decode, two views, box pairs; with
-INPUT.AUGMENT_DEVICE device, also the device rendering); with ``--per-core`` it times one
+INPUT.AUGMENT_DEVICE split or device, also the device's part); with ``--per-core`` it times one
 worker's whole CPU path on one core (images/s per core) over ``--per-core-images`` files,
 and with ``--official-scrl`` also the release's loading and two views from its checkout on
-the same files, in alternating rounds, and prints the ratio. ``boxes`` times the box-pair
+the same files, in alternating rounds, and prints the ratios (``vs_official``; ``vs_official_pil``
+against the release's views without its ToTensor + Normalize, which ours leave to the device). ``boxes`` times the box-pair
 generator per 256 images on one core, and the official generator when given its
 checkout. ``parity`` runs a few steps with each speed option and with the plain path
 (fp32, NCHW, eager) from the same weights and batches and compares the losses, and checks
@@ -24,7 +25,8 @@ Figures are medians over steady-state steps after warm-up; an image is one pair 
 views. Config overrides go last (KEY VALUE ...), e.g. SOLVER.AMP.DTYPE float16
 MODEL.CHANNELS_LAST False MODEL.COMPILE.ENABLED True. ``--json FILE`` writes the
 headline row (mode, device, torch, settings, img_per_s, step_ms_median, peak_mem_gib,
-box_ms_per_256, as they apply) with every row under ``rows``.
+box_ms_per_256, as they apply; data --per-core: the default path's row, with
+img_per_s_per_core, vs_official and vs_official_pil) with every row under ``rows``.
 """
 import argparse
 import json
@@ -50,7 +52,8 @@ from scrl_d2.benchmark import (
 )
 from scrl_d2.config import get_cfg
 from scrl_d2.data.demo import write_synthetic_jpegs
-from scrl_d2.engine.defaults import ArgumentParser
+from scrl_d2.engine.defaults import EXIT_BAD_INPUT, ArgumentParser
+from scrl_d2.utils.errors import is_bad_input
 
 MODES = ["train", "model", "data", "boxes", "parity", "index"]
 
@@ -64,7 +67,9 @@ def argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, nargs="+", default=None,
                    help="data mode: loader worker counts (default: 1, 2, 4 ... up to the cores)")
     p.add_argument("--data", default="", help="a folder of images for train/data (default: generated JPEGs)")
-    p.add_argument("--num-images", type=int, default=4096, help="size of the generated JPEG folder")
+    p.add_argument("--num-images", type=int, default=None,
+                   help="size of the generated JPEG folder (default: 4096; data --per-core: --per-core-images, "
+                        "the same first files)")
     p.add_argument("--cache-dir", default="", help="where the generated JPEG folder is kept (default: the system "
                                                    "temporary folder, $TMPDIR)")
     p.add_argument("--iters", type=int, default=20, help="measured steps")
@@ -114,21 +119,63 @@ def summary(mode: str, rows: List[dict], env: dict, config_file: str, opts: List
                     "pooling_exact": all(r["pooling"]["ok"] for r in rows),
                     "max_rel_diff": max(r["max_rel_diff"] for r in rows)}
     else:
-        headline = max(rows, key=lambda r: r.get("img_per_s", 0.0)) if mode != "boxes" else rows[0]
+        # boxes and data --per-core: the first row (ours; per core: the default path)
+        per_row = mode == "boxes" or "img_per_s_per_core" in rows[0]
+        headline = rows[0] if per_row else max(rows, key=lambda r: r.get("img_per_s", 0.0))
     return {"mode": mode, **env, **{k: v for k, v in headline.items() if k != "mode"},
             "config": config_file, "opts": opts, "rows": [{**env, **r} for r in rows]}
 
 
-def main(argv=None) -> int:
-    p = argument_parser()
-    args = p.parse_intermixed_args(argv)
+# Options that only one mode reads: given to another mode they would be silently ignored.
+_MODE_OPTIONS = {"official_scrl": ("boxes", "data"), "per_core": ("data",), "workers": ("data",),
+                 "with_model": ("train",), "variants": ("parity",), "data": ("train", "data")}
+_POSITIVE = ("iters", "per_core_images", "rounds", "index_files", "index_procs")
+
+
+def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One line and exit status 2 for arguments the mode cannot use (argparse's ``error``)."""
+    for dest, modes in _MODE_OPTIONS.items():
+        if getattr(args, dest) and args.mode not in modes:
+            p.error(f"--{dest.replace('_', '-')} applies to {' and '.join(modes)} mode only, not {args.mode}")
+    if args.num_images is None:
+        args.num_images = args.per_core_images if args.per_core else 4096
+    for dest in _POSITIVE + ("num_images",):
+        if getattr(args, dest) < 1:
+            p.error(f"argument --{dest.replace('_', '-')}: {getattr(args, dest)}: expected 1 or more")
+    for dest in ("batch", "warmup"):  # --batch 0: the config's SOLVER.IMS_PER_GPU
+        if getattr(args, dest) < 0:
+            p.error(f"argument --{dest}: {getattr(args, dest)}: expected 0 or more")
+    if any(w < 0 for w in args.workers or ()):
+        p.error(f"argument --workers: {' '.join(map(str, args.workers))}: expected worker counts of 0 "
+                "(the main process) or more")
+    if args.per_core and args.workers:
+        p.error("--workers and --per-core: --per-core times one worker's work on one core; drop one")
     needs = {"boxes": "models/box_generator.py", "data": "augment/getters.py"}.get(args.mode)
     if args.official_scrl and needs and not os.path.isfile(os.path.join(os.path.expanduser(args.official_scrl),
                                                                         needs)):
         p.error(f"--official-scrl {args.official_scrl}: no {needs} there (expected a checkout of kakaobrain/scrl)")
     if args.mode == "data" and args.official_scrl and not args.per_core:
         p.error("--official-scrl with data mode compares one core of each: add --per-core")
+    if not os.path.isfile(args.config_file):
+        p.error(f"--config-file {args.config_file}: no such file")
+    if args.data and not os.path.isdir(args.data):
+        p.error(f"--data {args.data}: no such folder (expected a folder of images)")
 
+
+def main(argv=None) -> int:
+    p = argument_parser()
+    args = p.parse_intermixed_args(argv)
+    check_arguments(p, args)
+    try:
+        return run(args)
+    except Exception as e:
+        if not is_bad_input(e):  # a bug or an unexpected library error: its traceback
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+
+
+def run(args: argparse.Namespace) -> int:
     base = get_cfg()
     base.merge_from_file(args.config_file)
     base.merge_from_list(args.opts)
