@@ -20,10 +20,12 @@ import glob
 import importlib
 import itertools
 import importlib.util
+import json
 import os
 import re
 import runpy
 import shlex
+import statistics
 import sys
 from contextlib import contextmanager
 from functools import lru_cache
@@ -52,6 +54,10 @@ ELLIPSIS = "..."
 OVERRIDE_CONFIG = {"tools/demo_pipeline.py": "configs/demo/faster_rcnn_demo.yaml", "tools/transfer.py": "detection"}
 SHELL_LANGS = {"", "bash", "sh", "shell", "console", "zsh"}
 REPO_PATH = re.compile(r"^(configs|tools|tests|scrl_d2|docs)(/|$)")
+# a module named from inside the package, e.g. `config/defaults.py` (scrl_d2/config/defaults.py);
+# other repositories' files (MoCo's `detection/configs/*.yaml`) are not .py paths of ours
+PACKAGE_FILE = re.compile(r"^(benchmark|checkpoint|cli|config|data|detection|engine|evaluation|modeling|solver|"
+                          r"transfer|utils)/[\w/]+\.py$")
 # a backticked Python name of the package, e.g. `scrl_d2.data.register_image_folder(name, ...)`
 PACKAGE_NAME = re.compile(r"^scrl_d2(\.[A-Za-z_][A-Za-z0-9_]*)+")
 CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*$")
@@ -448,6 +454,8 @@ def check_links_and_paths(path: str) -> List[str]:
             t = t.rstrip(".,;:)")
             if REPO_PATH.match(t) and not is_placeholder(t) and not repo_path_exists(t):
                 problems.append(f"{rel}:{n}: `{span}`: {t} does not exist")
+            if PACKAGE_FILE.match(t) and not os.path.isfile(os.path.join(ROOT, "scrl_d2", t)):
+                problems.append(f"{rel}:{n}: `{span}`: scrl_d2/{t} does not exist")
         m = PACKAGE_NAME.match(span)
         if m and not package_name_resolves(m.group(0)):
             problems.append(f"{rel}:{n}: `{span}`: {m.group(0)} is not a module of scrl_d2 or a name in one")
@@ -501,7 +509,7 @@ python tools/train_net.py --config-file configs/demo/scrl_demo.yaml --num-machin
 
 Run `python tools/convert.py a.pth b.pkl --encoder nope`; see [a page](no_such_page.md),
 [a heading](#title), [no heading](#nothing-here), `scrl_d2/no_such_module.py`, `scrl_d2.config.get_cfg()`
-and `scrl_d2.config.no_such_name`.
+and `scrl_d2.config.no_such_name`; `config/defaults.py` but `config/no_such_defaults.py`.
 """
 
 
@@ -521,10 +529,11 @@ def test_the_checks_catch_a_misspelled_flag_a_missing_config_a_bad_key_and_broke
     assert found[6] == [] and found[7] == []  # placeholders
     assert len(found[8]) == 1 and "argument --encoder: invalid choice: 'nope'" in found[8][0]
     links = check_links_and_paths(str(doc))
-    assert len(links) == 4, links
+    assert len(links) == 5, links
     assert "no_such_page.md does not exist" in links[0] and "no heading #nothing-here" in links[1]
     assert "scrl_d2/no_such_module.py does not exist" in links[2]
     assert "scrl_d2.config.no_such_name is not a module of scrl_d2" in links[3]
+    assert "scrl_d2/config/no_such_defaults.py does not exist" in links[4]
 
 
 def test_figures_stated_twice_agree_with_each_other_and_with_the_code():
@@ -549,3 +558,28 @@ def test_figures_stated_twice_agree_with_each_other_and_with_the_code():
     started = open(os.path.join(ROOT, "docs", "getting_started.md")).read()
     timings = re.findall(r"\d+ min \d+ s", readme)
     assert len(timings) >= 4 and all(t in started for t in timings), timings
+
+
+def test_the_per_core_table_comes_from_the_committed_runs():
+    """docs/performance.md's per-core table (medians and ranges over the committed runs'
+    --json files) and the README's ratio ranges are computed from those files."""
+    folder = os.path.join(ROOT, "docs", "benchmarks", "per_core_2026-12-01")
+    runs = [json.load(open(os.path.join(folder, f))) for f in sorted(os.listdir(folder)) if f.endswith(".json")]
+    assert len(runs) == 3 and all(r["mode"] == "data" and len(r["rows"]) == 4 for r in runs)
+    perf = open(os.path.join(ROOT, "docs", "performance.md")).read()
+    readme = open(os.path.join(ROOT, "README.md")).read()
+
+    def spread(values, fmt):
+        return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+    rows = {"the release (PIL": 2, "the release's views without": 3, "`INPUT.AUGMENT_DEVICE cpu`": 0,
+            "`INPUT.AUGMENT_DEVICE split`, CPU side": 1}
+    for label, i in rows.items():
+        line = next(ln for ln in perf.splitlines() if ln.startswith("| " + label))
+        rate = [r["rows"][i]["img_per_s_per_core"] for r in runs]
+        assert spread(rate, ".1f") in line, (label, spread(rate, ".1f"), line)
+        if i < 2:
+            for key in ("vs_official", "vs_official_pil"):
+                assert spread([r["rows"][i][key] for r in runs], ".2f") in line.replace("x (", " ("), (label, key)
+    cpu_pil = [r["rows"][0]["vs_official_pil"] for r in runs]
+    assert f"{min(cpu_pil):.2f}-{max(cpu_pil):.2f}x against its views without the ToTensor" in " ".join(readme.split())
