@@ -20,9 +20,7 @@ from conftest import ROOT
 from test_detection import DEMO, FAST, datasets_env, needs_d2, r18_weights  # noqa: F401  (fixtures)
 
 TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
-# the torchvision variants force SCRL_D2_BACKEND=torchvision: CI's full pass runs the same path (pytest.ini)
-BACKENDS = [pytest.param("torchvision", marks=[pytest.mark.plain, pytest.mark.full_pass_repeats]),
-            pytest.param("detectron2", marks=needs_d2)]
+BACKENDS = [pytest.param("torchvision", marks=pytest.mark.plain), pytest.param("detectron2", marks=needs_d2)]
 MAX_ITER = 12
 
 
