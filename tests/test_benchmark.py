@@ -43,7 +43,8 @@ def test_boxes_mode(tmp_path):
     ("train", ["--batch", "8", "--with-model", "DATALOADER.NUM_WORKERS", "1"]),
 ])
 def test_throughput_modes(tmp_path, mode, extra):
-    res, _ = bench(tmp_path, mode, *TINY, "--iters", "2", "--warmup", "1", "--num-images", "24", *extra)
+    files = ["--num-images", "24"] if mode in ("data", "train") else []  # model mode reads no files
+    res, _ = bench(tmp_path, mode, *TINY, "--iters", "2", "--warmup", "1", *files, *extra)
     assert res["mode"] == mode and res["img_per_s"] > 0 and res["step_ms_median"] > 0
     assert res["settings"]["arch"] == "SCRL" and res["settings"]["depth"] == 18
     if mode == "data":
@@ -181,21 +182,36 @@ def test_per_core_rows_time_what_they_name(tmp_path, monkeypatch):
     from scrl_d2.data.augment import ViewAugmentation
     from scrl_d2.data.demo import write_synthetic_jpegs
 
+    from scrl_d2.data.datasets import PretrainDataset
+
     folder = write_synthetic_jpegs(str(tmp_path / "jpegs"), 6)
     dicts = [{"file_name": os.path.join(folder, f)} for f in sorted(os.listdir(folder)) if f.endswith(".jpg")]
-    calls = {"colour": 0, "geometry": 0}
-    for name, key in (("_photometric", "colour"), ("apply_geometry", "geometry")):
+    datasets = []  # (colours left to the device?, that dataset's ViewAugmentations), in the rows' order
+    init = PretrainDataset.__init__
+
+    def recorded(self, *a, **k):
+        init(self, *a, **k)
+        datasets.append((k.get("photometric_on_device", False), {id(v) for v in self.augmentation.views}))
+    monkeypatch.setattr(PretrainDataset, "__init__", recorded)
+    calls = []  # (what, which ViewAugmentation)
+    for name, what in (("_photometric", "colour"), ("apply_geometry", "geometry")):
         orig = getattr(ViewAugmentation, name)
 
-        def counted(self, *a, _orig=orig, _key=key, **k):
-            calls[_key] += 1
+        def counted(self, *a, _orig=orig, _what=what, **k):
+            calls.append((_what, id(self)))
             return _orig(self, *a, **k)
         monkeypatch.setattr(ViewAugmentation, name, counted)
     cfg = tiny_cfg("unused")
     rows = bench_per_core(cfg, dicts, rounds=2)
     assert [r["settings"]["generator"] for r in rows] == ["scrl_d2 cpu", "scrl_d2 split (CPU side)"]
-    # 3 rounds (one warm-up) x 6 images x 2 views: the cpu path's colours, the split path's geometry
-    assert calls == {"colour": 36, "geometry": 36}
+    assert [split for split, _ in datasets] == [False, True]  # the rows' datasets, in the rows' order
+    for (split, views), want in zip(datasets, ({"colour": 36}, {"geometry": 36})):
+        got = {}
+        for what, view in calls:
+            if view in views:
+                got[what] = got.get(what, 0) + 1
+        # 3 rounds (one warm-up) x 6 images x 2 views: the cpu row's colours, the split row's geometry only
+        assert got == want, (split, got)
 
     fake = tmp_path / "scrl"
     (fake / "augment").mkdir(parents=True)
@@ -226,10 +242,14 @@ def test_per_core_rows_time_what_they_name(tmp_path, monkeypatch):
 @pytest.mark.parametrize("args,says", [
     (["data", "--per-core", "--rounds", "0"], "argument --rounds: 0: expected 1 or more"),
     (["data", "--per-core", "--per-core-images", "0"], "argument --per-core-images: 0: expected 1 or more"),
-    (["data", "--per-core", "--workers", "2"], "--workers and --per-core"),
+    (["data", "--per-core", "--workers", "2"], "--workers applies to data mode without --per-core only"),
+    (["data", "--per-core", "--num-images", "8"], "--num-images 8: fewer than --per-core-images 256"),
+    (["model", "--num-images", "8"], "--num-images applies to train and data mode without --data only"),
+    (["boxes", "--rounds", "3"], "--rounds applies to data --per-core only"),
+    (["train", "--index-files", "10"], "--index-files applies to index mode only"),
     (["data", "--workers", "2", "-1"], "argument --workers: 2 -1: expected worker counts of 0 (the main process)"),
-    (["train", "--per-core"], "--per-core applies to data mode only, not train"),
-    (["model", "--official-scrl", "/nowhere"], "--official-scrl applies to boxes and data mode only, not model"),
+    (["train", "--per-core"], "--per-core applies to data mode only"),
+    (["model", "--official-scrl", "/nowhere"], "--official-scrl applies to boxes and data mode only"),
     (["train", "--data", "/no/such/folder"], "--data /no/such/folder: no such folder"),
     (["model", "--config-file", "/no/such.yaml"], "--config-file /no/such.yaml: no such file"),
     (["model", "--batch", "-1"], "argument --batch: -1: expected 0 or more"),
@@ -238,6 +258,18 @@ def test_bad_benchmark_arguments_get_one_line_and_status_2(args, says):
     r = subprocess.run([sys.executable, BENCH, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], r.stderr
+
+
+def test_bad_input_found_during_a_run_is_one_line_and_status_2(tmp_path):
+    """Past the argument checks: a folder without images (found when the run lists it)."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image")
+    r = subprocess.run([sys.executable, BENCH, "data", *TINY, "--data", str(folder), "--workers", "0"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "no images (.jpg, .jpeg, .png" in lines[0] and str(folder) in lines[0], lines
 
 
 def test_official_data_needs_per_core_and_a_checkout(tmp_path):

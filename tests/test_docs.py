@@ -581,5 +581,25 @@ def test_the_per_core_table_comes_from_the_committed_runs():
         if i < 2:
             for key in ("vs_official", "vs_official_pil"):
                 assert spread([r["rows"][i][key] for r in runs], ".2f") in line.replace("x (", " ("), (label, key)
+        cores = 1000 / statistics.median(rate)
+        assert line.rstrip(" |").split("|")[-1].strip().startswith(f"{cores:.2g}" if cores >= 10 else f"{cores:.1f}"), \
+            (label, cores, line)
+    # the release's two rows against each other
+    pil_vs_release = [r["rows"][3]["img_per_s_per_core"] / r["rows"][2]["img_per_s_per_core"] for r in runs]
+    line = next(ln for ln in perf.splitlines() if ln.startswith("| the release's views without"))
+    assert spread(pil_vs_release, ".2f") in line.replace("x (", " ("), line
+    line = next(ln for ln in perf.splitlines() if ln.startswith("| the release (PIL"))
+    assert spread([1 / v for v in pil_vs_release], ".2f") in line.replace("x (", " ("), line
+    # ToTensor + Normalize: the two release rows' difference, of the release's time per image
+    ms = [(r["rows"][2]["ms_per_image"], r["rows"][2]["ms_per_image"] - r["rows"][3]["ms_per_image"]) for r in runs]
+    assert (f"{min(d for _, d in ms):.1f}-{max(d for _, d in ms):.1f} ms of its "
+            f"{min(t for t, _ in ms):.1f}-{max(t for t, _ in ms):.1f} ms per image") in " ".join(perf.split())
+    # the README: these runs' lower bounds with the earlier host's (docs/performance.md) as the upper
+    text = " ".join(readme.split())
     cpu_pil = [r["rows"][0]["vs_official_pil"] for r in runs]
-    assert f"{min(cpu_pil):.2f}-{max(cpu_pil):.2f}x against its views without the ToTensor" in " ".join(readme.split())
+    assert f"{min(cpu_pil):.2f}-{max(cpu_pil):.2f}x against its views without the ToTensor" in text
+    cpu, split = ([r["rows"][i]["vs_official"] for r in runs] for i in (0, 1))
+    assert f"runs {min(cpu):.2f}-1.21x as fast" in text and f"3.5-{max(split):.1f}x with the colour" in text
+    assert "1.16-1.21x" in perf and "3.49-3.51x" in perf  # the earlier host's ratios, stated there
+    cores = [1000 / statistics.median([r["rows"][i]["img_per_s_per_core"] for r in runs]) for i in (0, 1)]
+    assert f"11-{cores[0]:.0f} or 4-{cores[1]:.1f} cores per GPU" in text

@@ -197,11 +197,17 @@ def test_a_non_editable_install_finds_the_checkout_it_is_run_from(tmp_path):
     site = tmp_path / "site"
     shutil.copytree(os.path.join(ROOT, "scrl_d2"), site / "scrl_d2",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    code = "from scrl_d2.utils.fs import checkout_root; print(checkout_root())"
-    env = dict(os.environ, PYTHONPATH=str(site))
-    run = [sys.executable, "-c", code]
-    here = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
-    assert here == ROOT
-    # the editable install (the package beside configs/): that checkout, wherever it is run from
-    assert subprocess.run(run, cwd=str(tmp_path), capture_output=True, text=True, check=True,
-                          env=dict(os.environ, PYTHONPATH=ROOT)).stdout.strip() == ROOT
+    (site / "configs").mkdir()  # another package's configs/ beside it: not a checkout
+    code = "import scrl_d2.utils.fs as f; print(f.__file__); print(f.checkout_root())"
+
+    def where(cwd, path):  # -P: the current folder is not on sys.path, PYTHONPATH decides
+        out = subprocess.run([sys.executable, "-P", "-c", code], cwd=str(cwd), capture_output=True, text=True,
+                             check=True, env=dict(os.environ, PYTHONPATH=str(path))).stdout.split("\n")
+        return out[0], out[1]
+
+    module, root = where(ROOT, site)  # installed copy, run from the checkout
+    assert module.startswith(str(site)) and root == ROOT
+    module, root = where(tmp_path, site)  # installed copy, run from elsewhere: nothing better than its folder
+    assert module.startswith(str(site)) and root == str(site)
+    module, root = where(tmp_path, ROOT)  # the editable install: its checkout, wherever it is run from
+    assert module.startswith(os.path.join(ROOT, "scrl_d2")) and root == ROOT

@@ -133,11 +133,10 @@ def official_two_views(cfg, official: str, tensor_steps: bool = True) -> Callabl
     t1, t2 = get_simclr_transforms_for_view_1(**kw), get_simclr_transforms_for_view_2(**kw)
     if not tensor_steps:
         for t in (t1, t2):
-            kept = [s for s in t.transforms if type(s).__name__ not in _TENSOR_STEPS]
-            if len(kept) != len(t.transforms) - len(_TENSOR_STEPS):
+            if tuple(type(s).__name__ for s in t.transforms[-len(_TENSOR_STEPS):]) != _TENSOR_STEPS:
                 raise InputValueError(f"--official-scrl {official}: its views do not end in "
                                       f"{' + '.join(_TENSOR_STEPS)} (another version of the release?)")
-            t.transforms = kept
+            t.transforms = t.transforms[:-len(_TENSOR_STEPS)]
 
     def load(path: str):
         img = pil_loader(path)

@@ -126,30 +126,48 @@ def summary(mode: str, rows: List[dict], env: dict, config_file: str, opts: List
             "config": config_file, "opts": opts, "rows": [{**env, **r} for r in rows]}
 
 
-# Options that only one mode reads: given to another mode they would be silently ignored.
-_MODE_OPTIONS = {"official_scrl": ("boxes", "data"), "per_core": ("data",), "workers": ("data",),
-                 "with_model": ("train",), "variants": ("parity",), "data": ("train", "data")}
-_POSITIVE = ("iters", "per_core_images", "rounds", "index_files", "index_procs")
+# Options and the runs that read them: given where nothing reads them, they would be
+# silently ignored (compared with their defaults).
+_APPLIES = {
+    "official_scrl": (lambda a: a.mode in ("boxes", "data"), "boxes and data mode"),
+    "per_core": (lambda a: a.mode == "data", "data mode"),
+    "workers": (lambda a: a.mode == "data" and not a.per_core, "data mode without --per-core"),
+    "rounds": (lambda a: a.per_core, "data --per-core"),
+    "per_core_images": (lambda a: a.per_core, "data --per-core"),
+    "with_model": (lambda a: a.mode == "train", "train mode"),
+    "variants": (lambda a: a.mode == "parity", "parity mode"),
+    "data": (lambda a: a.mode in ("train", "data"), "train and data mode"),
+    "num_images": (lambda a: a.mode in ("train", "data") and not a.data, "train and data mode without --data"),
+    "cache_dir": (lambda a: a.mode in ("train", "data", "index") and not a.data, "train, data and index mode "
+                                                                                  "without --data"),
+    "warmup": (lambda a: a.mode in ("train", "model", "data") and not a.per_core, "train, model and data mode "
+                                                                                  "without --per-core"),
+    "iters": (lambda a: a.mode != "index" and not a.per_core, "every mode but index and data --per-core"),
+    "index_files": (lambda a: a.mode == "index", "index mode"),
+    "index_procs": (lambda a: a.mode == "index", "index mode"),
+    "archs": (lambda a: a.mode != "index", "every mode but index"),
+}
 
 
 def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """One line and exit status 2 for arguments the mode cannot use (argparse's ``error``)."""
-    for dest, modes in _MODE_OPTIONS.items():
-        if getattr(args, dest) and args.mode not in modes:
-            p.error(f"--{dest.replace('_', '-')} applies to {' and '.join(modes)} mode only, not {args.mode}")
+    """One line and exit status 2 for arguments the run cannot use (argparse's ``error``)."""
+    for dest, (applies, where) in _APPLIES.items():
+        if getattr(args, dest) != p.get_default(dest) and not applies(args):
+            p.error(f"--{dest.replace('_', '-')} applies to {where} only")
     if args.num_images is None:
         args.num_images = args.per_core_images if args.per_core else 4096
-    for dest in _POSITIVE + ("num_images",):
+    for dest in ("iters", "per_core_images", "rounds", "index_files", "index_procs", "num_images"):
         if getattr(args, dest) < 1:
             p.error(f"argument --{dest.replace('_', '-')}: {getattr(args, dest)}: expected 1 or more")
     for dest in ("batch", "warmup"):  # --batch 0: the config's SOLVER.IMS_PER_GPU
         if getattr(args, dest) < 0:
             p.error(f"argument --{dest}: {getattr(args, dest)}: expected 0 or more")
+    if args.per_core and not args.data and args.num_images < args.per_core_images:
+        p.error(f"--num-images {args.num_images}: fewer than --per-core-images {args.per_core_images} (the files "
+                "each round reads)")
     if any(w < 0 for w in args.workers or ()):
         p.error(f"argument --workers: {' '.join(map(str, args.workers))}: expected worker counts of 0 "
                 "(the main process) or more")
-    if args.per_core and args.workers:
-        p.error("--workers and --per-core: --per-core times one worker's work on one core; drop one")
     needs = {"boxes": "models/box_generator.py", "data": "augment/getters.py"}.get(args.mode)
     if args.official_scrl and needs and not os.path.isfile(os.path.join(os.path.expanduser(args.official_scrl),
                                                                         needs)):

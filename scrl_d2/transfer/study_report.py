@@ -16,7 +16,7 @@ import os
 import platform
 from typing import Dict, Optional, Sequence
 
-from ..utils.fs import atomic_write, finite_json
+from ..utils.fs import atomic_write, checkout_root, finite_json
 from .study import ARMS, METRICS, PAIRS
 from .suite import mean_std
 
@@ -83,7 +83,7 @@ def _commit() -> str:
     """The checkout's git commit (``+dirty`` with uncommitted changes to tracked files)."""
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = checkout_root()
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               timeout=30)

@@ -129,9 +129,13 @@ def finite_json(v: Any, indent: int = 1) -> str:
 def checkout_root() -> str:
     """The checkout whose ``configs/`` and ``tools/`` the demos and the transfer suite use:
     the folder above the package (``pip install -e .``, the documented install), else the
-    current folder when it holds ``configs/`` (a non-editable install run from the
-    checkout, as ``python tools/...`` is)."""
+    current folder when it is a checkout (a non-editable install run from the checkout, as
+    ``python tools/...`` is). A checkout holds ``configs/scrl_pretrain.yaml``: any other
+    ``configs/`` folder (another package's in site-packages) is not one."""
+    def is_checkout(d: str) -> bool:
+        return os.path.isfile(os.path.join(d, "configs", "scrl_pretrain.yaml"))
+
     above = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if os.path.isdir(os.path.join(above, "configs")) or not os.path.isdir("configs"):
+    if is_checkout(above) or not is_checkout(os.curdir):
         return above
     return os.path.abspath(os.curdir)
