@@ -66,6 +66,14 @@ NUM_PARAMS = 17
 JITTER_IDENTITY = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation, hue: no change
 
 
+def _box(p: torch.Tensor, scale: Tuple[float, float]) -> Tuple[float, float, float, float]:
+    """A view's crop ``(left, top, right, bottom)`` in the pixels of an image decoded at
+    ``scale`` original pixels per pixel (JPEG draft decoding)."""
+    top, left, h, w = (float(v) for v in p[:4])
+    sx, sy = scale
+    return left / sx, top / sy, (left + w) / sx, (top + h) / sy
+
+
 @dataclass
 class ViewAugmentation:
     """One view's recipe (crop, flip, colour jitter, grayscale, blur, solarize).
@@ -143,10 +151,7 @@ class ViewAugmentation:
         original pixels per pixel of ``img`` (a JPEG decoded at reduced size).
         ``photometric`` False: the geometry only (crop, resize, flip), the rest replayed
         on the device from ``p`` (INPUT.AUGMENT_DEVICE split)."""
-        top, left, h, w = (float(v) for v in p[:4])
-        sx, sy = scale
-        box = (left / sx, top / sy, (left + w) / sx, (top + h) / sy)
-        out = img.resize((self.size, self.size), self.pil_resample, box=box)
+        out = img.resize((self.size, self.size), self.pil_resample, box=_box(p, scale))
         if p[P_FLIP] > 0.5:
             out = F.hflip(out)
         if photometric:
@@ -163,9 +168,7 @@ class ViewAugmentation:
         the release's crop-then-resize does) when the crop falls on whole pixels and the
         interpolation is bilinear or bicubic; otherwise (e.g. most crops of a JPEG decoded at
         reduced size) PIL renders it, as :meth:`apply`."""
-        top, left, h, w = (float(v) for v in p[:4])
-        sx, sy = scale
-        box = (left / sx, top / sy, (left + w) / sx, (top + h) / sy)
+        box = _box(p, scale)
         mode = self.interpolation.lower()
         if hwc is None or mode not in ("bilinear", "bicubic") or any(b != int(b) for b in box):
             return self.apply(img, p, scale, photometric=False)

@@ -5,6 +5,7 @@ from typing import List, Tuple
 import torch
 from torch.utils.data import DataLoader
 
+from ..config.defaults import AUGMENT_DEVICES  # re-exported
 from ..utils import comm
 from ..utils.errors import InputValueError
 from .augment import TwoViewAugmentation
@@ -42,9 +43,6 @@ def dataset_dicts_of(cfg, names=None) -> Tuple[List[dict], int]:
 
 def uses_boxes(cfg) -> bool:
     return cfg.MODEL.META_ARCHITECTURE.upper() == "SCRL"
-
-
-from ..config.defaults import AUGMENT_DEVICES  # noqa: E402  (re-exported)
 
 
 def augment_device(cfg) -> str:
@@ -86,11 +84,12 @@ def build_pretrain_loader(cfg, seed: int) -> Tuple[DataLoader, SeededSampler, in
     the training set's number of classes."""
     dicts, num_classes = dataset_dicts_of(cfg)
     boxes = BoxPairGenerator.from_config(cfg) if uses_boxes(cfg) else None
+    where = augment_device(cfg)
     dataset = PretrainDataset(
         dicts, TwoViewAugmentation.from_config(cfg), boxes,
         require_overlap=cfg.MODEL.SCRL.REQUIRE_OVERLAP, max_crop_tries=cfg.MODEL.SCRL.MAX_CROP_TRIES,
-        jpeg_draft=cfg.INPUT.JPEG_DRAFT, decode_on_device=augment_device(cfg) == "device",
-        photometric_on_device=augment_device(cfg) == "split",
+        jpeg_draft=cfg.INPUT.JPEG_DRAFT, decode_on_device=where == "device",
+        photometric_on_device=where == "split",
         exif_transpose=cfg.INPUT.EXIF_TRANSPOSE,
     )
     sampler = SeededSampler(len(dataset), cfg.SOLVER.IMS_PER_GPU, seed,
