@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -187,8 +188,25 @@ class _Footprint:
 
 
 def pytest_configure(config):
-    if not hasattr(config, "workerinput"):  # not in a pytest-xdist worker
-        config._scrl_footprint = _Footprint(config)
+    config._scrl_footprint = _Footprint(config)  # in each pytest-xdist worker too (CI runs -n 2)
+    config._scrl_worker_footprints = []
+
+
+def _hand_footprint_to_controller(session) -> None:
+    """A pytest-xdist worker hands its footprint to the controller (``workeroutput``)."""
+    fp = getattr(session.config, "_scrl_footprint", None)
+    if fp is not None and hasattr(session.config, "workeroutput"):
+        base = fp.basetemp()
+        session.config.workeroutput["scrl_footprint"] = json.dumps(
+            {"peak": fp.peak, "peak_test": fp.peak_test, "per_test": fp.per_test,
+             "base": str(base) if base is not None else None})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):  # pytest-xdist, in the controller
+    out = getattr(node, "workeroutput", {}).get("scrl_footprint")
+    if out:
+        node.config._scrl_worker_footprints.append(json.loads(out))
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -209,17 +227,25 @@ def pytest_runtest_teardown(item, nextitem):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     _report_false_skips(terminalreporter)
     fp = getattr(config, "_scrl_footprint", None)
-    if fp is None:
+    if fp is None or hasattr(config, "workerinput"):
         return
-    base = fp.basetemp()
-    if base is None:
+    # this process's samples, or (under pytest-xdist) every worker's: the peak is the largest
+    # one worker saw; the workers' folders lie under the controller's base
+    runs = [{"peak": fp.peak, "peak_test": fp.peak_test, "per_test": fp.per_test,
+             "base": str(fp.basetemp()) if fp.basetemp() is not None else None}]
+    runs += config._scrl_worker_footprints
+    bases = [r["base"] for r in runs if r["base"]]
+    if not bases:
         terminalreporter.write_line("tmp_path footprint: no temporary folder was used")
         return
+    base = os.path.commonpath(bases)
+    peak = max(runs, key=lambda r: r["peak"])
+    per_test = {t: n for r in runs for t, n in r["per_test"].items()}
     left = disk_use(base) if os.path.isdir(base) else 0
     terminalreporter.write_line(
-        f"tmp_path footprint: peak {_human(fp.peak)} ({fp.peak} bytes) during {fp.peak_test or '-'}; "
-        f"left after the session {_human(left)} ({left} bytes) in {base}")
-    largest = sorted(fp.per_test.items(), key=lambda kv: -kv[1])[:5]
+        f"tmp_path footprint: peak {_human(peak['peak'])} ({peak['peak']} bytes) during "
+        f"{peak['peak_test'] or '-'}; left after the session {_human(left)} ({left} bytes) in {base}")
+    largest = sorted(per_test.items(), key=lambda kv: -kv[1])[:5]
     if largest:
         terminalreporter.write_line("tmp_path footprint: largest tests: "
                                     + ", ".join(f"{_human(n)} {t}" for t, n in largest))
@@ -252,6 +278,7 @@ _FALSE_SKIPS: list = []
 
 
 def pytest_sessionfinish(session, exitstatus):
+    _hand_footprint_to_controller(session)
     if _FALSE_SKIPS:
         session.exitstatus = 1
 
