@@ -63,7 +63,7 @@ def batch_scale_folder(tmp_path_factory, request) -> str:
 # (bottleneck blocks, depth as shipped) at 1/16 of its width, small heads, 32 px views; the
 # batch (256 per process), SyncBN, AMP and the rest stay as shipped. Narrow, not shallow: on a
 # CPU without native bf16/fp16 (AVX2 only) autocast's convolutions run ~40x slower than fp32,
-# and a full-width ResNet-18 took 12 minutes per 2-step run there; this one takes seconds.
+# and a full-width ResNet-18 took 12 minutes per 2-step run there.
 SHIPPED_TINY = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.RES2_OUT_CHANNELS", "16",
                 "MODEL.RESNETS.WIDTH_PER_GROUP", "4", "MODEL.RESNETS.STEM_OUT_CHANNELS", "16",
                 "MODEL.BYOL.PROJECTOR_HIDDEN_DIM", "64", "MODEL.BYOL.PROJECTION_DIM", "32",
@@ -174,7 +174,12 @@ class _Footprint:
 
     def basetemp(self):
         factory = getattr(self.config, "_tmp_path_factory", None)
-        return getattr(factory, "_basetemp", None)  # None until a test asks for a temporary folder
+        base = getattr(factory, "_basetemp", None)  # None until a test asks for a temporary folder
+        if base is not None and hasattr(self.config, "workerinput"):
+            # a pytest-xdist worker's folder (<base>/popen-gwN): sample the controller's base,
+            # which holds every worker's, so the peak is the disk use of all at once
+            base = base.parent
+        return base
 
     def sample(self) -> None:
         base = self.basetemp()

@@ -266,7 +266,7 @@ def test_submitit_job_is_preempted_requeued_and_resumes(tmp_path, image_folder, 
                 *_opts(image_folder, out)])
     try:
         _wait_for(_log_has(out, "epoch 0.50"), what="iteration 3")
-        tasks = _procs("SUBMITIT_LOCAL_GLOBALID", cmd_has="submitit")  # 2 tasks and their loader workers
+        tasks = _procs("SUBMITIT_LOCAL_GLOBALID", cmd_has=out)  # 2 tasks and their loader workers, of this job only
         assert len(tasks) >= 2
         for pid in tasks:  # what SLURM does before a time limit: the signal to every process of the tasks
             os.kill(pid, signal.SIGUSR2)
@@ -294,7 +294,7 @@ def test_submitit_fine_tuning_job_is_preempted_requeued_and_resumes(tmp_path, da
         _wait_for(lambda: os.path.exists(os.path.join(out, "metrics.json"))
                   and '"iteration": 2' in open(os.path.join(out, "metrics.json")).read(), timeout=400,
                   what="iteration 2")
-        tasks = _procs("SUBMITIT_LOCAL_GLOBALID", cmd_has="submitit")  # 2 tasks and their loader workers
+        tasks = _procs("SUBMITIT_LOCAL_GLOBALID", cmd_has=out)  # 2 tasks and their loader workers, of this job only
         assert len(tasks) >= 2
         for pid in tasks:
             os.kill(pid, signal.SIGUSR2)

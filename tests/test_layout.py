@@ -211,3 +211,43 @@ def test_a_non_editable_install_finds_the_checkout_it_is_run_from(tmp_path):
     assert module.startswith(str(site)) and root == str(site)
     module, root = where(tmp_path, ROOT)  # the editable install: its checkout, wherever it is run from
     assert module.startswith(os.path.join(ROOT, "scrl_d2")) and root == ROOT
+
+
+
+def _generate_slowly(root, log, barrier, result):
+    """A process that generates the shared folder; all start it at once, the fill overlaps."""
+    import time
+
+    from scrl_d2.utils.fs import generate_once
+
+    def fill(tmp):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(1.0)
+        with open(os.path.join(tmp, "data.txt"), "w") as f:
+            f.write("done")
+
+    barrier.wait()
+    out = generate_once(root, "1", fill)
+    with open(result, "w") as f:
+        f.write(open(os.path.join(out, "data.txt")).read())
+
+
+def test_generate_once_fills_a_shared_folder_once_for_concurrent_processes(tmp_path):
+    """Two jobs (or two pytest-xdist workers) asking for the same generated dataset at once:
+    one fills it, the others wait and read the finished folder, which is never replaced
+    under them."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    root, log, barrier = str(tmp_path / "shared"), str(tmp_path / "fills.log"), ctx.Barrier(3)
+    results = [str(tmp_path / f"result{i}") for i in range(3)]
+    procs = [ctx.Process(target=_generate_slowly, args=(root, log, barrier, r)) for r in results]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert [open(r).read() for r in results] == ["done"] * 3
+    assert len(open(log).read().split()) == 1  # filled once
+    assert sorted(os.listdir(tmp_path)) == [".shared.lock", "fills.log", "result0", "result1", "result2", "shared"]

@@ -214,6 +214,9 @@ def test_smoke_study_runs_end_to_end_resumes_and_tabulates_its_runs(tmp_path, re
     while not (os.path.exists(scrl_log) and "iter: 0" in open(scrl_log).read()) and time.time() < deadline:
         assert p.poll() is None, "the study ended before SCRL pretrained"
         time.sleep(0.2)
+    if not (os.path.exists(scrl_log) and "iter: 0" in open(scrl_log).read()):
+        os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail(f"SCRL pretraining did not log its first step within 600 s: {open(err).read()[-2000:]}")
     os.killpg(p.pid, signal.SIGTERM)
     assert p.wait(timeout=300) == 75, open(err).read()  # the trainer stopped with its checkpoint; then the tool
     assert "stopped: interrupted by SIGTERM during the SCRL pretraining; rerun the same command to resume" in \

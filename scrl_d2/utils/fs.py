@@ -3,6 +3,7 @@ folder (:func:`generate_once`), one JSON text that strict parsers accept
 (:func:`finite_json`). Every module that writes a result, a checkpoint or generated data
 goes through these, so an interrupted run never leaves a torn file behind.
 """
+import fcntl
 import json
 import math
 import os
@@ -87,25 +88,27 @@ def remove_stale_temporaries(directory: str) -> List[str]:
 
 def generate_once(root: str, version: str, fill: Callable[[str], None]) -> str:
     """Run ``fill(tmp_dir)`` once and move the result to ``root`` atomically: readers see
-    a finished folder or none, and concurrent processes do not collide."""
+    a finished folder or none. Concurrent processes (two jobs, two test workers) take turns
+    on a lock file beside ``root``: the second finds the first's folder finished and uses it,
+    so a finished folder is never replaced under a reader."""
     marker = os.path.join(root, f".complete-v{version}")
     if os.path.exists(marker):
         return root
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}-", dir=parent)
-    try:
-        fill(tmp)
-        open(os.path.join(tmp, f".complete-v{version}"), "w").close()
-        if os.path.exists(root):
-            shutil.rmtree(root, ignore_errors=True)
+    with open(os.path.join(parent, f".{os.path.basename(root)}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if os.path.exists(marker):  # another process finished it while this one waited
+            return root
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}-", dir=parent)
         try:
+            fill(tmp)
+            open(os.path.join(tmp, f".complete-v{version}"), "w").close()
+            if os.path.exists(root):  # an unfinished or older version's folder
+                shutil.rmtree(root, ignore_errors=True)
             os.rename(tmp, root)
-        except OSError:
-            if not os.path.exists(marker):  # not another process finishing first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
