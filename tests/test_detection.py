@@ -52,7 +52,7 @@ def _finite(results, tasks):
             assert math.isfinite(results[t][m]), (t, m, results[t])
 
 
-@pytest.mark.parametrize("backend", [pytest.param("torchvision", marks=pytest.mark.plain),
+@pytest.mark.parametrize("backend", [pytest.param("torchvision", marks=[pytest.mark.plain, pytest.mark.plain_pass_only]),
                                      pytest.param("detectron2", marks=needs_d2)])
 def test_faster_rcnn_finetunes_evaluates_and_resumes(tmp_path, datasets_env, r18_weights, backend):
     env = {**datasets_env, "SCRL_D2_BACKEND": backend}

@@ -33,8 +33,9 @@ from torchvision.ops import boxes as box_ops
 
 from conftest import ROOT, remove_unless_failed
 
-# the in-process checks run in CI's plain pass too; the 2-process CLI runs once, in the full pass
-# (the torchvision path is forced there: the same code without Detectron2's EventStorage)
+# the in-process checks run once in CI, in the plain pass (plain_pass_only); the 2-process CLI
+# runs once, in the full pass (the torchvision path is forced there: the same code, with
+# Detectron2's EventStorage)
 
 FAMILIES = {"faster_rcnn": "coco_faster_rcnn_R50_FPN_1x", "voc_faster_rcnn": "voc0712_faster_rcnn_R50_FPN",
             "mask_rcnn": "coco_mask_rcnn_R50_FPN_1x", "keypoint_rcnn": "coco_keypoint_rcnn_R50_FPN_1x",
@@ -507,6 +508,7 @@ def _audited(model, images, targets, dtype) -> BoxAudit:
 
 
 @pytest.mark.plain
+@pytest.mark.plain_pass_only
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=lambda d: DTYPE_KEY[d])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_boxes_stay_float32_exact_and_in_their_image_under_autocast(mini, family, dtype):
@@ -537,6 +539,7 @@ def test_boxes_stay_float32_exact_and_in_their_image_under_autocast(mini, family
 
 
 @pytest.mark.plain
+@pytest.mark.plain_pass_only
 @pytest.mark.parametrize("defect", ["anchors", "rpn_decode", "retinanet_decode", "other_image", "rectangle"])
 def test_the_audit_sees_degraded_boxes(mini, monkeypatch, defect):
     """The audit fails on each way boxes have gone wrong under autocast: torchvision's own
