@@ -254,10 +254,22 @@ def test_per_core_rows_time_what_they_name(tmp_path, monkeypatch):
     (["model", "--config-file", "/no/such.yaml"], "--config-file /no/such.yaml: no such file"),
     (["model", "--batch", "-1"], "argument --batch: -1: expected 0 or more"),
 ])
-def test_bad_benchmark_arguments_get_one_line_and_status_2(args, says):
-    r = subprocess.run([sys.executable, BENCH, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+def test_bad_benchmark_arguments_get_one_line_and_status_2(args, says, capsys):
+    """The checks run before anything heavy: in-process here (a process start costs ~8 s of
+    imports on a CI core); the script itself says the same, below."""
+    from scrl_d2.cli.benchmark import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+
+
+def test_the_script_reports_a_bad_argument_in_one_line_with_status_2():
+    r = subprocess.run([sys.executable, BENCH, "data", "--per-core", "--rounds", "0"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], r.stderr
+    assert r.returncode == 2 and lines == ["error: argument --rounds: 0: expected 1 or more"], r.stderr
 
 
 def test_bad_input_found_during_a_run_is_one_line_and_status_2(tmp_path):

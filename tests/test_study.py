@@ -158,10 +158,22 @@ def test_differences_pair_trial_k_with_trial_k_over_trials_every_arm_has():
                                          (["--study", "small", "--weights", "a=b"], "--weights cannot be combined"),
                                          (["--study", "small", "--", "SOLVER.MAX_ITER", "3"],
                                           "KEY VALUE overrides cannot be combined")])
-def test_bad_study_arguments_get_one_line_and_status_2(tmp_path, args, needle):
-    r = _transfer(*args, "--output-dir", str(tmp_path / "s"), check=False, timeout=120)
-    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+def test_bad_study_arguments_get_one_line_and_status_2(tmp_path, args, needle, capsys):
+    """In-process (a process start costs ~8 s of imports on a CI core); the script, below."""
+    from scrl_d2.cli.transfer import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--output-dir", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert not os.path.exists(tmp_path / "s")
+
+
+@pytest.mark.plain
+def test_the_script_reports_a_bad_study_argument_in_one_line_with_status_2(tmp_path):
+    r = _transfer("--study", "nope", "--output-dir", str(tmp_path / "s"), check=False, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--study 'nope': unknown; available: small, smoke" in r.stderr and not os.path.exists(tmp_path / "s")
 
 
 # ---------------------------------------------------------------------------- end to end
