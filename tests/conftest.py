@@ -282,6 +282,13 @@ def pytest_runtest_logreport(report):
 _FALSE_SKIPS: list = []
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test CI runs only in its plain pass must be in that pass: plain_pass_only needs plain."""
+    lost = [i.nodeid for i in items if i.get_closest_marker("plain_pass_only") and not i.get_closest_marker("plain")]
+    if lost:
+        raise pytest.UsageError(f"marked plain_pass_only but not plain (CI would run them in no pass): {lost}")
+
+
 def pytest_sessionfinish(session, exitstatus):
     _hand_footprint_to_controller(session)
     if _FALSE_SKIPS:

@@ -20,9 +20,7 @@ from conftest import ROOT
 from test_detection import DEMO, FAST, datasets_env, needs_d2, r18_weights  # noqa: F401  (fixtures)
 
 TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
-# the torchvision case runs once in CI, in the plain pass (pytest.ini: plain_pass_only)
-BACKENDS = [pytest.param("torchvision", marks=[pytest.mark.plain, pytest.mark.plain_pass_only]),
-            pytest.param("detectron2", marks=needs_d2)]
+BACKENDS = [pytest.param("torchvision", marks=pytest.mark.plain), pytest.param("detectron2", marks=needs_d2)]
 MAX_ITER = 12
 
 

@@ -240,13 +240,18 @@ def test_generate_once_fills_a_shared_folder_once_for_concurrent_processes(tmp_p
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    root, log, barrier = str(tmp_path / "shared"), str(tmp_path / "fills.log"), ctx.Barrier(3)
+    root, log, barrier = str(tmp_path / "shared"), str(tmp_path / "fills.log"), ctx.Barrier(3, timeout=120)
     results = [str(tmp_path / f"result{i}") for i in range(3)]
-    procs = [ctx.Process(target=_generate_slowly, args=(root, log, barrier, r)) for r in results]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
+    procs = [ctx.Process(target=_generate_slowly, args=(root, log, barrier, r), daemon=True) for r in results]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(180)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert [open(r).read() for r in results] == ["done"] * 3
     assert len(open(log).read().split()) == 1  # filled once

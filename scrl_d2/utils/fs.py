@@ -97,16 +97,26 @@ def generate_once(root: str, version: str, fill: Callable[[str], None]) -> str:
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     with open(os.path.join(parent, f".{os.path.basename(root)}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            locked = True
+        except OSError:  # a file system without flock (Lustre -o noflock): race, tolerating a lost rename
+            locked = False
         if os.path.exists(marker):  # another process finished it while this one waited
             return root
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}-", dir=parent)
         try:
             fill(tmp)
             open(os.path.join(tmp, f".complete-v{version}"), "w").close()
+            if os.path.exists(marker):  # unlocked: another process finished first; keep its folder
+                return root
             if os.path.exists(root):  # an unfinished or older version's folder
                 shutil.rmtree(root, ignore_errors=True)
-            os.rename(tmp, root)
+            try:
+                os.rename(tmp, root)
+            except OSError:
+                if locked or not os.path.exists(marker):
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return root
