@@ -181,6 +181,11 @@ class _Footprint:
             base = base.parent
         return base
 
+    def as_dict(self) -> dict:
+        base = self.basetemp()
+        return {"peak": self.peak, "peak_test": self.peak_test, "per_test": self.per_test,
+                "base": str(base) if base is not None else None}
+
     def sample(self) -> None:
         base = self.basetemp()
         if base is None:
@@ -201,10 +206,7 @@ def _hand_footprint_to_controller(session) -> None:
     """A pytest-xdist worker hands its footprint to the controller (``workeroutput``)."""
     fp = getattr(session.config, "_scrl_footprint", None)
     if fp is not None and hasattr(session.config, "workeroutput"):
-        base = fp.basetemp()
-        session.config.workeroutput["scrl_footprint"] = json.dumps(
-            {"peak": fp.peak, "peak_test": fp.peak_test, "per_test": fp.per_test,
-             "base": str(base) if base is not None else None})
+        session.config.workeroutput["scrl_footprint"] = json.dumps(fp.as_dict())
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -234,11 +236,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     fp = getattr(config, "_scrl_footprint", None)
     if fp is None or hasattr(config, "workerinput"):
         return
-    # this process's samples, or (under pytest-xdist) every worker's: the peak is the largest
-    # one worker saw; the workers' folders lie under the controller's base
-    runs = [{"peak": fp.peak, "peak_test": fp.peak_test, "per_test": fp.per_test,
-             "base": str(fp.basetemp()) if fp.basetemp() is not None else None}]
-    runs += config._scrl_worker_footprints
+    # this process's samples, or (under pytest-xdist) every worker's, each taken over the
+    # controller's base that holds all workers' folders
+    runs = [fp.as_dict(), *config._scrl_worker_footprints]
     bases = [r["base"] for r in runs if r["base"]]
     if not bases:
         terminalreporter.write_line("tmp_path footprint: no temporary folder was used")
